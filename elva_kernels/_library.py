@@ -1,0 +1,61 @@
+"""The torch.library namespace ``elva`` and every op's schema, in one place.
+
+Each op has one signature and one registered op per concrete backend
+(``elva::similarity_topk_torch``, ``..._cpu``, ``..._cuda``, ``..._triton``): ``auto`` is resolved
+in Python before the call, so fakes, autograd and ``opcheck`` always see a concrete op.
+The ``torch`` variant is the reference in ``reference/<op>.py``; the others are implemented
+by the C++ extension (``csrc/bindings``) or by Triton launchers (``triton/<op>.py``).
+"""
+from __future__ import annotations
+
+import torch
+
+BACKENDS = ("triton", "cuda", "cpu", "torch")
+
+SIGNATURES = {
+    # Rows L2-normalised in fp32: the first step of every cosine op.
+    "l2_normalize": "(Tensor x, float eps) -> Tensor",
+    # max_score arrives as a [B] fp32 tensor (a float is broadcast in Python).
+    "similarity_topk": (
+        "(Tensor queries, Tensor candidates, int k, str metric, Tensor? exclude, Tensor? max_score)"
+        " -> (Tensor values, Tensor indices)"
+    ),
+    # hits, reciprocal_rank and margin are O(B) arithmetic on these, done in Python.
+    "rank_statistics": (
+        "(Tensor queries, Tensor candidates, Tensor positives, str metric, Tensor? exclude)"
+        " -> (Tensor rank, Tensor pos_score, Tensor max_neg_score)"
+    ),
+    # positive_index is an int64 [B] tensor; scores is empty unless return_scores.
+    "elva_rewards": (
+        "(Tensor query_emb, Tensor cand_emb, Tensor positive_index, Tensor? mask, float delta, float gamma,"
+        " float alpha, float eps, float log_base, str advantage, float adv_eps, bool return_scores)"
+        " -> (Tensor total, Tensor margin, Tensor rank_reward, Tensor rank, Tensor advantages, Tensor scores)"
+    ),
+    # Per-row losses and LSEs; the reduction is plain torch in Python. temperature is a 0-dim fp32 tensor.
+    "infonce_loss": (
+        "(Tensor queries, Tensor candidates, Tensor labels, Tensor temperature, bool symmetric,"
+        " Tensor? false_negatives) -> (Tensor loss, Tensor lse)"
+    ),
+    "mine_hard_negatives": (
+        "(Tensor query_emb, Tensor pool_emb, Tensor positives, int n_hard, int n_random, Tensor? max_score,"
+        " int seed) -> Tensor"
+    ),
+}
+
+lib = torch.library.Library("elva", "DEF")
+for _op, _signature in SIGNATURES.items():
+    for _backend in BACKENDS:
+        lib.define(f"{_op}_{_backend}{_signature}")
+
+
+def qualname(op: str, backend: str) -> str:
+    return f"elva::{op}_{backend}"
+
+
+def handle(op: str, backend: str):
+    return getattr(torch.ops.elva, f"{op}_{backend}").default
+
+
+def variants(op: str) -> list[str]:
+    """Qualified names of every backend variant of ``op`` (they share fake and autograd)."""
+    return [qualname(op, b) for b in BACKENDS]

@@ -1,0 +1,77 @@
+"""Pieces shared by the reference ops: scoring, tiling and the total order.
+
+Scores: cosine normalises each side in fp32 (eps 1e-12); dot upcasts to fp32. The
+products are then summed in float64 and rounded once to fp32, so a (query, candidate)
+score does not depend on the tile it was computed in: exact duplicates score
+bitwise-equal, and every reference op sees the same score for the same pair.
+"""
+from __future__ import annotations
+
+import torch
+
+NORM_EPS = 1e-12
+# Elements of one score tile (fp32 + its fp64 accumulation: 48 MiB at this size).
+TILE_ELEMENTS = 1 << 22
+QUERY_BLOCK = 1024
+
+
+def prepare(x: torch.Tensor, metric: str) -> torch.Tensor:
+    """fp32 rows, L2-normalised for cosine (the semantics of F.normalize with eps 1e-12)."""
+    x = x.float()
+    if metric == "cosine":
+        x = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    return x
+
+
+def score_tile(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """[b, d] x [n, d] prepared rows -> [b, n] fp32 scores, summed in float64."""
+    return (q.double() @ c.double().T).float()
+
+
+def query_blocks(num_queries: int):
+    for start in range(0, num_queries, QUERY_BLOCK):
+        yield start, min(start + QUERY_BLOCK, num_queries)
+
+
+def candidate_blocks(num_candidates: int, block_rows: int):
+    """Candidate ranges sized so that one tile holds about TILE_ELEMENTS scores."""
+    step = max(256, TILE_ELEMENTS // max(block_rows, 1))
+    for start in range(0, num_candidates, step):
+        yield start, min(start + step, num_candidates)
+
+
+def membership(ids: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """[b, m] ids (-1 padded) -> [b, stop-start] bool: is candidate ``start + j`` listed in the row."""
+    hit = torch.zeros(ids.shape[0], stop - start, dtype=torch.bool, device=ids.device)
+    inside = (ids >= start) & (ids < stop)
+    rows, cols = inside.nonzero(as_tuple=True)
+    hit[rows, ids[rows, cols] - start] = True
+    return hit
+
+
+def merge_topk(values: torch.Tensor, indices: torch.Tensor, k: int):
+    """Top-k of rows already laid out in ascending candidate order for equal values.
+
+    A stable descending sort then yields the total order: score descending, index ascending.
+    Ineligible entries carry -inf and sort last.
+    """
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
+    return values.gather(1, order), indices.gather(1, order)
+
+
+def normalize_backward(x: torch.Tensor, grad_unit: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """Gradient w.r.t. ``x`` of x / max(||x||, eps) (fp32), given the gradient of that output."""
+    x = x.float()
+    raw_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    norm = raw_norm.clamp_min(eps)
+    unit = x / norm
+    # d(x/|x|) = (g - u (u.g)) / |x|; below eps the norm is a constant and d(x/eps) = g/eps.
+    radial = (unit * grad_unit).sum(-1, keepdim=True)
+    return torch.where(raw_norm > eps, (grad_unit - unit * radial) / norm, grad_unit / eps)
+
+
+def prepare_backward(x: torch.Tensor, metric: str, grad_prepared: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. ``x`` of ``prepare(x, metric)``, in x's dtype."""
+    if metric == "dot":
+        return grad_prepared.to(x.dtype)
+    return normalize_backward(x, grad_prepared).to(x.dtype)

@@ -52,3 +52,15 @@ def l2_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     if nonfinite.item():  # the one host sync: nothing is returned on bad input
         raise ValueError("x must contain only finite values; found NaN/Inf entries")
     return out
+
+
+# Signatures compiled ahead of time for sm_90 by tests/build/test_triton_aot.py.
+AOT_SPECS = [
+    (
+        l2_normalize_kernel,
+        {"x_ptr": f"*{dtype}", "out_ptr": "*fp32", "nonfinite_ptr": "*i32", "dim": "i32", "stride_x": "i64",
+         "stride_out": "i64", "eps": "fp32", "BLOCK_D": "constexpr"},
+        {"BLOCK_D": 1024},
+    )
+    for dtype in ("fp32", "fp16", "bf16")
+]

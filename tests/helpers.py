@@ -1,0 +1,82 @@
+"""Shared test machinery: run any backend against the reference over random cases."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from elva_kernels import _dispatch
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Forward tolerances (atol, rtol) per input dtype for fp32 outputs. Half inputs are upcast
+# exactly, so the only error is fp32 accumulation order: they share the fp32 row.
+FORWARD_TOLERANCE = {torch.float32: (2e-6, 2e-6), torch.float16: (2e-6, 2e-6), torch.bfloat16: (2e-6, 2e-6)}
+
+
+def devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backend_or_skip(op: str, name: str, device: str, dtype: torch.dtype) -> _dispatch.Backend:
+    """The registered backend, or a skip carrying the reasons it cannot run here."""
+    registered = {b.name: b for b in _dispatch.backends(op)}
+    if name not in registered:
+        pytest.skip(f"{op} has no {name} backend yet")
+    reasons = registered[name].refusal_reasons(_dispatch.Call(torch.device(device), dtype, {}))
+    if reasons:
+        pytest.skip(f"{name} cannot run {op} on {device}/{dtype}: " + "; ".join(reasons))
+    return registered[name]
+
+
+def ragged_size(gen: torch.Generator, low: int, high: int) -> int:
+    return int(torch.randint(low, high + 1, (1,), generator=gen))
+
+
+def random_rows(gen: torch.Generator, rows: int, dim: int, *, ties: bool) -> torch.Tensor:
+    """Gaussian rows; with ``ties`` some rows are exact copies of others and one is all zeros."""
+    x = torch.randn(rows, dim, generator=gen)
+    if ties and rows > 2:
+        copies = torch.randint(0, rows, (rows // 3,), generator=gen)
+        x[torch.randint(0, rows, (rows // 3,), generator=gen)] = x[copies]
+        x[rows // 2] = 0.0
+    return x
+
+
+def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, what: str) -> None:
+    """allclose that reports the mismatch count and the first offending indices."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    actual, expected = actual.double(), expected.double()
+    bad = ~torch.isclose(actual, expected, atol=atol, rtol=rtol, equal_nan=True)
+    if bool(bad.any()):
+        where = bad.nonzero()[:5].tolist()
+        sample = [(i, actual[tuple(i)].item(), expected[tuple(i)].item()) for i in where]
+        raise AssertionError(f"{what}: {int(bad.sum())}/{bad.numel()} mismatches (atol {atol}, rtol {rtol}); first {sample}")
+
+
+def check_backend_against_reference(
+    op: str,
+    backend: str,
+    make_case: Callable[[torch.Generator, torch.dtype], dict],
+    run: Callable[[dict, str], object],
+    compare: Callable[[object, object, dict, torch.dtype], None],
+    *,
+    device: str = "cpu",
+    cases: int = 12,
+    seed: int = 0,
+) -> None:
+    """For every dtype the backend supports, run ``cases`` random cases through ``backend`` and the
+    ``torch`` reference and ``compare`` them. ``make_case`` builds CPU inputs (ragged, with ties)."""
+    checked = 0
+    for dtype in DTYPES:
+        registered = {b.name: b for b in _dispatch.backends(op)}
+        if backend in registered and dtype not in registered[backend].dtypes:
+            continue
+        backend_or_skip(op, backend, device, dtype)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(cases):
+            case = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in make_case(gen, dtype).items()}
+            compare(run(case, backend), run(case, "torch"), case, dtype)
+            checked += 1
+    assert checked > 0, f"no case of {op} ran on {backend}"

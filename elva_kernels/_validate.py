@@ -108,9 +108,14 @@ def per_query_float(name: str, value, rows: int, device: torch.device) -> torch.
 
 # ---- data checks (read the tensors; see the module docstring) -------------------------------
 
-def finite(name: str, t: torch.Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
+def finite(name: str, t: torch.Tensor, *, chunk_elements: int = 1 << 20) -> None:
+    """Row chunks keep the check's temporaries small (isfinite on a whole pool would copy it)."""
+    rows = t.reshape(t.shape[0], -1) if t.dim() > 0 else t.reshape(1, 1)
+    step = max(1, chunk_elements // max(rows.shape[1], 1))
+    bad = 0
+    for start in range(0, rows.shape[0], step):
+        bad += int((~torch.isfinite(rows[start : start + step])).sum())
+    if bad:
         raise ValueError(f"{name} must contain only finite values; found {bad} NaN/Inf entries")
 
 

@@ -86,10 +86,11 @@ def elva_rewards(
         ``scores``, fp32 [B, G, C] with -inf where masked, or None unless ``return_scores``.
 
     Extra memory:
-        torch: about 40 bytes per score (B*G*C scores, sort keys, order and ranks) plus one
-        block of prepared candidate rows of about 2**22 elements in fp32 and float64 (48 MiB);
-        the backward adds the same block in fp32 besides the gradients. The shared layout never
-        materialises [B, G, C, d].
+        torch: up to about 64 bytes per score, B*G*C of them (fp32 scores and sort keys, int64
+        order and ranks, float64 reward terms), plus one block of prepared candidate rows of
+        about ``_common.TILE_ELEMENTS`` elements (2**20; one query's G*C*d if larger) at 12 bytes
+        each (fp32 + float64). The backward recomputes the same, plus the gradients. The shared
+        layout never materialises [B, G, C, d].
 
     Equivalent PyTorch (per-rollout layout, no mask, default "group" advantages)::
 
@@ -141,7 +142,7 @@ def elva_rewards(
         positive_index=positive_index if isinstance(positive_index, torch.Tensor) else None,
         mask=mask,
     )
-    delta, gamma, alpha, eps = (_real(n, v) for n, v in (("delta", delta), ("gamma", gamma), ("alpha", alpha), ("eps", eps)))
+    delta, gamma, alpha, eps = _real("delta", delta), _real("gamma", gamma), _real("alpha", alpha), _real("eps", eps)
     _validate.choice("log_base", log_base, tuple(LOG_BASES))
     _validate.choice("advantage", advantage, ADVANTAGE_MODES)
     adv_eps = _real("adv_eps", adv_eps, minimum=0.0)
@@ -244,9 +245,6 @@ def _backward(ctx, grad_total, grad_margin, grad_rank_reward, _grad_rank, grad_a
     through the normalisation to the embeddings; shared candidates sum over the rollouts.
     """
     query_emb, cand_emb, positive_index, mask = ctx.saved_tensors
-    want_q, want_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if not (want_q or want_c):
-        return (None,) * 12
     scores, ranks, negatives = reference.scores_and_ranks(query_emb, cand_emb, positive_index, mask)
     margin, _, total = reference.rewards(
         scores, ranks, negatives, positive_index, ctx.delta, ctx.gamma, ctx.alpha, ctx.eps, ctx.log_base
@@ -255,38 +253,35 @@ def _backward(ctx, grad_total, grad_margin, grad_rank_reward, _grad_rank, grad_a
     grad_margin = (grad_margin.double() + ctx.alpha * grad_total) * (margin > 0)
     grad_rank_reward = grad_rank_reward.double() + ctx.eps * grad_total
 
-    positive = positive_index.view(-1, 1, 1).expand(*scores.shape[:2], 1)
+    # One-hot masks, not scatters: with scatters here, Inductor (torch 2.13, CPU) returned NaN
+    # gradients under torch.compile.
+    candidate = torch.arange(scores.shape[2], device=scores.device)
+    is_positive = candidate == positive_index.view(-1, 1, 1)
+    is_top = candidate == reference.top_negative(ranks, negatives).unsqueeze(2)
     at_p = 1 / (1 + reference.log_rank(reference.at_positive(ranks, positive_index), ctx.log_base))
     d_rank_reward = torch.where(negatives, -ctx.gamma * (reference.log_rank(ranks, ctx.log_base) - 1), 0)
-    d_rank_reward = d_rank_reward.scatter(2, positive, at_p.unsqueeze(2))
-    grad_s = grad_rank_reward.unsqueeze(2) * d_rank_reward
-    top = reference.top_negative(ranks, negatives).unsqueeze(2)
-    grad_s = grad_s.scatter_add(2, positive, grad_margin.unsqueeze(2)).scatter_add(2, top, -grad_margin.unsqueeze(2))
+    d_rank_reward = torch.where(is_positive, at_p.unsqueeze(2), d_rank_reward)
+    d_margin = is_positive.double() - is_top.double()
+    grad_s = grad_rank_reward.unsqueeze(2) * d_rank_reward + grad_margin.unsqueeze(2) * d_margin
     if grad_scores.numel():
         real = reference.real_candidates(mask, scores.shape, scores.device)
         grad_s = grad_s + torch.where(real, grad_scores, 0)
-    grad_q, grad_c = _scores_backward(query_emb, cand_emb, grad_s.float(), want_q, want_c)
+    grad_q, grad_c = _scores_backward(query_emb, cand_emb, grad_s.float(), *ctx.needs_input_grad[:2])
     return (grad_q, grad_c) + (None,) * 10
 
 
 def _advantages_backward(total: torch.Tensor, grad: torch.Tensor, mode: str, adv_eps: float) -> torch.Tensor:
     """Vector-Jacobian product of ``reference.group_advantages`` at [B, G] ``total`` (float64)."""
-    def center(x):
-        return x - x.mean(1, keepdim=True)
-
     if mode == "none":
-        return center(grad)
-    centered, var = reference.centered_and_variance(total, mode)
-    positive = var > 0
-    std = torch.where(positive, var, 1).sqrt()
-    if mode == "batch":
-        deviation, dof, dims = total - total.mean(), max(total.numel() - 1, 1), (0, 1)
-    else:
-        deviation, dof, dims = centered, max(total.shape[1] - 1, 1), (1,)
-    # A = centered / (std + eps) and d std / d r_i = deviation_i / (dof * std). The deviations
-    # already sum to 0 over the rewards the std is taken from, so only the direct term needs centring.
+        return grad - grad.mean(1, keepdim=True)
+    centered = reference.deviation(total, (1,))
+    dims, dof = reference.std_axes(total, mode)
+    spread, std, positive = reference.spread_and_std(total, mode)
+    # A = centered / (std + eps), with d std / d r_i = spread_i / (dof * std). The spread already
+    # sums to 0 over the rewards the std is taken from, so only the direct term needs centring.
     grad_std = -(grad * centered).sum(dims, keepdim=True) / (std + adv_eps) ** 2
-    return torch.where(positive, center(grad / (std + adv_eps)) + grad_std * deviation / (dof * std), 0)
+    direct = grad / (std + adv_eps)
+    return torch.where(positive, direct - direct.mean(1, keepdim=True) + grad_std * spread / (dof * std), 0)
 
 
 def _scores_backward(query_emb, cand_emb, grad_scores, want_q, want_c):

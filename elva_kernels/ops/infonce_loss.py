@@ -68,24 +68,26 @@ def infonce_loss(
         temperature.
 
     Extra memory:
-        torch forward: one score tile (T = 2**22 fp32 scores plus their fp64 accumulation,
-        ~48 MiB) + 4 B fp32 running values (+ 2 B for symmetric) + one prepared candidate
-        chunk of T / min(B, 1024) rows; backward: a few tile-sized fp32 temporaries + an fp32
-        [N, d] candidate-gradient accumulator + [min(B, 1024), d] for the queries. No B x N
-        term; ``group`` adds the gathered candidates (and queries) and their gradients.
+        torch, with T = ``reference._common.TILE_ELEMENTS`` scores per tile and query blocks of
+        b = min(B, ``QUERY_BLOCK``) rows. Forward: 12 T bytes (one fp32 tile + its fp64
+        accumulation) + one prepared candidate chunk of max(256, T / b) x d fp32 + 4 B fp32
+        (lse, positive scores, loss, a block's running max and sum) + 2 B fp32 for symmetric's
+        reverse running max and sum. Backward: a few fp32 tiles + the fp32 [N, d]
+        candidate-gradient accumulator + b x d for the queries. No B x N term. ``group`` adds
+        the gathered candidates (and, for symmetric, queries).
 
     Equivalent PyTorch (materialises [B, N], which this op never does)::
 
         z = F.normalize(q.float(), dim=1) @ F.normalize(c.float(), dim=1).T / tau
-        z[i, false_negatives[i]] = -inf
+        z[i, false_negatives[i]] = -inf           # for each row i, skipping the -1 padding
         loss = F.cross_entropy(z, labels, reduction="none")
         if symmetric:
             loss = (loss + F.cross_entropy(z[:, :B].T, arange(B), reduction="none")) / 2
         lse = z.logsumexp(1)
 
     Backends and limits:
-        torch (CPU, CUDA): ``reference/infonce_loss.py``, tiles of ~2**22 scores with
-        fp64-accumulated dot products. Indices are int64 throughout, so B * N may exceed 2**31.
+        torch (CPU, CUDA): ``reference/infonce_loss.py``, score tiles with fp64-accumulated dot
+        products rounded to fp32. Indices are int64 throughout, so B * N may exceed 2**31.
 
     Example:
         >>> q, c = torch.randn(4, 8, requires_grad=True), torch.randn(10, 8)
@@ -138,6 +140,9 @@ def infonce_loss(
             raise ValueError("false_negatives is not supported with symmetric=True and group yet; got a tensor")
         loss, lse = _symmetric_over_group(queries, candidates, temperature, group, backend)
     else:
+        # Local labels must stay in this rank's block: once shifted, a larger one would
+        # silently point at another rank's candidates.
+        _validate.ids_in_range("labels", labels, candidates.shape[0], pad=False)
         all_candidates, offset = _gather_rows(candidates, group)
         loss, lse = _select(queries, all_candidates, backend)(
             queries, all_candidates, labels + offset, temperature, False, false_negatives
@@ -209,10 +214,8 @@ torch.library.impl(_library.qualname(OP, "torch"), "CompositeExplicitAutograd")(
 
 
 def _fake(queries, candidates, labels, temperature, symmetric, false_negatives):
-    num_queries = queries.shape[0]
-    return queries.new_empty((num_queries,), dtype=torch.float32), queries.new_empty(
-        (num_queries,), dtype=torch.float32
-    )
+    per_query = (queries.shape[0],)
+    return queries.new_empty(per_query, dtype=torch.float32), queries.new_empty(per_query, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):

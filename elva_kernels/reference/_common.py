@@ -11,8 +11,8 @@ import torch
 
 NORM_EPS = 1e-12
 # Elements of one score tile (fp32 + its fp64 accumulation: 48 MiB at this size).
-TILE_ELEMENTS = 1 << 22
-QUERY_BLOCK = 1024
+TILE_ELEMENTS = 1 << 20
+QUERY_BLOCK = 64
 
 
 def prepare(x: torch.Tensor, metric: str) -> torch.Tensor:
@@ -47,6 +47,23 @@ def membership(ids: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     rows, cols = inside.nonzero(as_tuple=True)
     hit[rows, ids[rows, cols] - start] = True
     return hit
+
+
+def orderable(scores: torch.Tensor) -> torch.Tensor:
+    """fp32 scores -> int64 keys with the same order (IEEE bits, negatives flipped; -0.0 == +0.0)."""
+    bits = (scores + 0.0).view(torch.int32).to(torch.int64)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def tile_topk(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the k largest ``keys`` [b, n] per row, ties by smaller position, in that order.
+
+    ``keys`` must lie in [-2**32, 2**32). Folding the position into the low 31 bits makes every
+    key unique, so ``torch.topk`` (which breaks ties arbitrarily) is exact under the total order.
+    """
+    positions = torch.arange(keys.shape[1], device=keys.device)
+    unique = keys * (1 << 31) + ((1 << 31) - 1 - positions)
+    return torch.topk(unique, min(k, keys.shape[1]), dim=1).indices
 
 
 def merge_topk(values: torch.Tensor, indices: torch.Tensor, k: int):

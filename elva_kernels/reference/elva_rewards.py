@@ -24,10 +24,10 @@ Scores follow the common convention (``_common``): rows L2-normalised in fp32, p
 float64 and rounded once to fp32, so identical candidates tie exactly. Rewards and advantages are
 computed in float64 from those fp32 scores and rounded to fp32 at the end.
 
-Extra memory: the [B, G, C] scores, sort keys, order and ranks (about 40 bytes per score), plus
-one block of prepared rows holding about 2**22 candidate elements (fp32 + float64). Shared
-[B, C, d] candidates are broadcast over the rollouts by a batched matmul: [B, G, C, d] is never
-materialised.
+Extra memory: up to about 64 bytes per score (fp32 scores and sort keys, int64 order and ranks,
+float64 reward terms), plus one block of prepared rows holding about ``_common.TILE_ELEMENTS``
+candidate elements (fp32 + float64). Shared [B, C, d] candidates are broadcast over the rollouts by a batched
+matmul: [B, G, C, d] is never materialised.
 """
 from __future__ import annotations
 
@@ -171,33 +171,42 @@ def rewards(scores, ranks, negatives, positive_index, delta, gamma, alpha, eps, 
     return margin, rank_reward, alpha * margin + eps * rank_reward
 
 
-def centered_and_variance(rewards: torch.Tensor, mode: str):
-    """(rewards - group mean, the variance that scales it) for [B, G] rewards.
+def deviation(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """x - its mean over ``dims``, exactly 0 where those values are all equal."""
+    centered = x - x.mean(dims, keepdim=True)
+    # A float mean of equal values can miss them by an ulp. The correction is a constant, so the
+    # gradient stays that of x - mean.
+    equal = x.amax(dims, keepdim=True) == x.amin(dims, keepdim=True)
+    return centered - torch.where(equal, centered, 0).detach()
 
-    The variance is unbiased: over each group's G rewards for "group" ([B, 1]), over all B*G
-    rewards for "batch" (a 0-dim tensor, TRL's scale_rewards="batch"); it is 0 for a single value.
-    """
-    centered = rewards - rewards.mean(1, keepdim=True)
-    # A float mean of equal values can miss them by an ulp; equal groups get exactly 0. The
-    # correction is a constant, so the gradient stays that of rewards - mean.
-    equal = rewards.amax(1, keepdim=True) == rewards.amin(1, keepdim=True)
-    centered = centered - torch.where(equal, centered, 0).detach()
+
+def std_axes(rewards: torch.Tensor, mode: str) -> tuple[tuple[int, ...], int]:
+    """The dims of [B, G] rewards the std is taken over, and its degrees of freedom (>= 1):
+    each group's G rewards for "group", all B*G rewards for "batch" (TRL's scale_rewards="batch")."""
     if mode == "batch":
-        spread = rewards - rewards.mean()
-        return centered, spread.square().sum() / max(rewards.numel() - 1, 1)
-    return centered, centered.square().sum(1, keepdim=True) / max(rewards.shape[1] - 1, 1)
+        return (0, 1), max(rewards.numel() - 1, 1)
+    return (1,), max(rewards.shape[1] - 1, 1)
+
+
+def spread_and_std(rewards: torch.Tensor, mode: str):
+    """(spread, std, positive) for [B, G] rewards and mode "group" or "batch": the deviations the
+    std is taken from, and the unbiased std where ``positive`` (variance > 0), 1 elsewhere. The
+    dummy 1 keeps sqrt away from 0, whose derivative is infinite (0 * inf = NaN in backward)."""
+    dims, dof = std_axes(rewards, mode)
+    spread = deviation(rewards, dims)
+    var = spread.square().sum(dims, keepdim=True) / dof
+    positive = var > 0
+    return spread, torch.where(positive, var, 1).sqrt(), positive
 
 
 def group_advantages(rewards: torch.Tensor, mode: str, eps: float) -> torch.Tensor:
     """GRPO advantages of [B, G] rewards, in their dtype: (r - mean_g) / (std + eps) as in TRL,
-    with std per group ("group") or over the batch ("batch"), or r - mean_g ("none").
+    with the unbiased std per group ("group") or over the batch ("batch"), or r - mean_g ("none").
 
     A zero std (one rollout, or equal rewards) gives exactly 0, with no NaN in value or gradient.
     """
-    centered, var = centered_and_variance(rewards, mode)
+    centered = deviation(rewards, (1,))
     if mode == "none":
         return centered
-    positive = var > 0
-    # The dummy 1 keeps sqrt away from 0, whose derivative is infinite (0 * inf = NaN in backward).
-    std = torch.where(positive, var, 1).sqrt()
+    _, std, positive = spread_and_std(rewards, mode)
     return torch.where(positive, centered / (std + eps), 0)

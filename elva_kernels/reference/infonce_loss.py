@@ -14,8 +14,8 @@ a false negative of i):
     reverse_j = rlse_j - z_jj
     loss_i    = (forward_i + reverse_i) / 2          (loss_i = forward_i otherwise)
 
-Extra memory: one score tile (about 2**22 scores, with its fp64 accumulation) plus O(B)
-running maxima and sums; never a [B, N] buffer.
+Extra memory: one score tile (``_common.TILE_ELEMENTS`` scores, with its fp64 accumulation)
+plus O(B) running maxima and sums; never a [B, N] buffer.
 """
 from __future__ import annotations
 

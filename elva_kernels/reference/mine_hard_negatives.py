@@ -16,7 +16,7 @@ from elva_kernels.reference import _common
 from elva_kernels.reference.rank_statistics import check_positives
 
 _MASK32 = 0xFFFFFFFF
-_NEVER = -(1 << 62)  # the "negated key" of an ineligible candidate: sorts after every real one
+_NEVER = -(1 << 32)  # the "negated key" of an ineligible candidate: below every real one
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -65,15 +65,16 @@ def mine_hard_negatives(
             ineligible = _common.membership(positives[q0:q1], c0, c1)
             if max_score is not None:
                 ineligible |= scores > max_score[q0:q1, None]
-            ids = torch.arange(c0, c1, device=device).expand(q1 - q0, -1)
+            scores = scores.masked_fill(ineligible, float("-inf"))
+            tile_hard = _common.tile_topk(_common.orderable(scores), n_hard)
             hard_values, hard_ids = _common.merge_topk(
-                torch.cat([hard_values, scores.masked_fill(ineligible, float("-inf"))], 1),
-                torch.cat([hard_ids, ids], 1),
-                n_hard,
+                torch.cat([hard_values, scores.gather(1, tile_hard)], 1), torch.cat([hard_ids, tile_hard + c0], 1), n_hard
             )
+            ids = torch.arange(c0, c1, device=device).expand(q1 - q0, -1)
             negated_keys = (-random_keys(seed, rows, ids)).masked_fill(ineligible, _NEVER)
+            tile_drawn = _common.tile_topk(negated_keys, keep)
             drawn_keys, drawn_ids = _common.merge_topk(
-                torch.cat([drawn_keys, negated_keys], 1), torch.cat([drawn_ids, ids], 1), keep
+                torch.cat([drawn_keys, negated_keys.gather(1, tile_drawn)], 1), torch.cat([drawn_ids, tile_drawn + c0], 1), keep
             )
         hard_ids = hard_ids.masked_fill(hard_values == float("-inf"), -1)
         drawn_ids = drawn_ids.masked_fill(drawn_keys == _NEVER, -1)

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# One call on the GPU machine (no network; its own python3 with a CUDA torch): build the CUDA
+# extension, run the GPU tests, time the headline benchmarks, print a compact table.
+#
+#   OUT=/some/dir bash scripts/gpu_check.sh        # OUT defaults to ./gpu_check_out
+#
+# Every step runs under `timeout` and logs to $OUT; a failing step is recorded, not fatal, so
+# one broken piece still leaves the others' figures. The limits below add up to under 8 minutes.
+# The script exits 1 when any step failed.
+set -euo pipefail
+
+# A relative OUT is taken from the caller's directory, before moving to the repository root.
+OUT=$(realpath -m "${OUT:-./gpu_check_out}")
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+START_UTC=$(date -u +%Y-%m-%dT%H:%M:%S)
+
+# Seconds per step: build 150, tests 110, benchmarks 185 (headline ops first), environment 10.
+BENCHMARKS=(
+  "similarity_topk 60"
+  "infonce_loss 50"
+  "elva_rewards 25"
+  "rank_statistics 20"
+  "mine_hard_negatives 20"
+  "l2_normalize 10"
+)
+
+STEPS=()
+CODES=()
+
+# step NAME SECONDS LOG COMMAND...: run COMMAND under timeout with its output in LOG; keep its exit code.
+step() {
+  local name=$1 limit=$2 log=$3 rc=0
+  shift 3
+  echo "== $name (limit ${limit}s) -> $log"
+  timeout --kill-after=5 "$limit" "$@" >"$log" 2>&1 || rc=$?
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    echo "   timed out after ${limit}s"
+  fi
+  echo "   exit $rc"
+  STEPS+=("$name")
+  CODES+=("$rc")
+}
+
+step environment 10 "$OUT/environment.log" bash -c \
+  "nvidia-smi -L; $PYTHON -c 'import sys, torch; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name())'; $PYTHON -c 'import triton; print(\"triton\", triton.__version__)'"
+
+# --no-index: there is no network, and --no-deps means nothing needs resolving anyway.
+step build 150 "$OUT/build.log" \
+  "$PYTHON" -m pip install -v --no-index --no-build-isolation --no-deps -e .
+
+step "pytest -m gpu" 110 "$OUT/pytest_gpu.log" \
+  "$PYTHON" -m pytest -m gpu tests -q -p no:cacheprovider
+
+for entry in "${BENCHMARKS[@]}"; do
+  read -r op limit <<<"$entry"
+  step "bench $op" "$limit" "$OUT/bench_$op.log" \
+    "$PYTHON" benchmarks/compare.py --op "$op" --device cuda --preset gpu --out "$OUT"
+done
+
+echo
+echo "== benchmark rows of this run ($OUT/compare.csv; full tables in $OUT/*.md)"
+if [ -f "$OUT/compare.csv" ]; then
+  "$PYTHON" - "$OUT/compare.csv" "$START_UTC" <<'EOF'
+import csv, sys
+
+path, since = sys.argv[1], sys.argv[2]
+rows = [r for r in csv.DictReader(open(path)) if r["utc"] >= since]
+print(f"{'op':<20} {'shape':<40} {'provider':<30} {'ms':>9} {'ratio':>7} {'MiB':>8}  note")
+for r in rows:
+    ms = f"{float(r['median_ms']):.3f}" if r["median_ms"] else "-"
+    ratio = f"{float(r['ratio']):.2f}" if r["ratio"] else "-"
+    mib = f"{float(r['peak_extra_MiB']):.0f}" if r["peak_extra_MiB"] else "-"
+    print(f"{r['op']:<20} {r['shape']:<40} {r['provider']:<30} {ms:>9} {ratio:>7} {mib:>8}  {r['note'][:80]}")
+EOF
+else
+  echo "(no benchmark rows were written)"
+fi
+
+echo
+echo "== exit codes (124/137: timed out; pytest 1: failures, 5: no test marked gpu)"
+failed=0
+for i in "${!STEPS[@]}"; do
+  printf '%-28s %s\n' "${STEPS[$i]}" "${CODES[$i]}"
+  [ "${CODES[$i]}" -eq 0 ] || failed=1
+done
+tail -n 3 "$OUT/pytest_gpu.log" 2>/dev/null | sed 's/^/pytest: /' || true
+exit "$failed"

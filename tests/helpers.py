@@ -80,3 +80,29 @@ def check_backend_against_reference(
             compare(run(case, backend), run(case, "torch"), case, dtype)
             checked += 1
     assert checked > 0, f"no case of {op} ran on {backend}"
+
+
+def _gloo_entry(rank, world_size, port, worker, args):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # the ranks share the cores; test tensors are small
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        worker(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_gloo(worker: Callable, *args, world_size: int = 2) -> None:
+    """Run ``worker(rank, *args)`` in ``world_size`` processes joined by a gloo group on loopback."""
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gloo_entry, args=(world_size, port, worker, args), nprocs=world_size, join=True)

@@ -63,6 +63,10 @@ def sharded_similarity_topk(
             max_score=max_score,
             backend=backend,
         )
+    # Every rank sends k entries (all_gather needs equal sizes); a shard smaller than k pads.
+    short = k - values.shape[1]
+    values = torch.nn.functional.pad(values, (0, short), value=float("-inf"))
+    indices = torch.nn.functional.pad(indices, (0, short), value=-1)
     global_ids = torch.where(indices >= 0, indices + shard_offset, -1)
     all_values = torch.cat(_gather(values, group), 1)
     all_ids = torch.cat(_gather(global_ids, group), 1)

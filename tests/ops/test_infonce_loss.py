@@ -3,7 +3,6 @@ bad input, opcheck, torch.compile, memory linearity and torch.distributed gather
 from __future__ import annotations
 
 import itertools
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from torch.utils._pytree import tree_leaves
 
 from elva_kernels import infonce_loss
 from elva_kernels.reference import _common
+from tests.helpers import spawn_gloo
 from elva_kernels.reference.infonce_loss import infonce_loss as reference_infonce_loss
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -440,16 +440,11 @@ def _run_case(case, rank, group):
     return (loss.detach(), lse.detach()) + grads
 
 
-def _distributed_worker(rank, port, out_dir):
+def _distributed_worker(rank, out_dir):
     import torch.distributed as dist
 
-    torch.set_num_threads(1)  # two processes share the cores; the tensors are tiny
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        results = {name: _run_case(case, rank, dist.group.WORLD) for name, case in _distributed_cases().items()}
-        torch.save(results, out_dir / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    results = {name: _run_case(case, rank, dist.group.WORLD) for name, case in _distributed_cases().items()}
+    torch.save(results, out_dir / f"rank{rank}.pt")
 
 
 def _single_process(case):
@@ -482,15 +477,7 @@ def _single_process(case):
 
 
 def test_group_matches_single_process(tmp_path):
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available in this build")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_distributed_worker, args=(port, tmp_path), nprocs=2, join=True)
+    spawn_gloo(_distributed_worker, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name, case in _distributed_cases().items():
         loss, lse, (grad_q, grad_c, grad_tau) = _single_process(case)

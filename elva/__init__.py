@@ -1,0 +1,1 @@
+"""elva: a thin trainer for ELVA ranking-driven multimodal retrieval, built on elva_kernels' public ops."""

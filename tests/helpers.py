@@ -15,8 +15,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FORWARD_TOLERANCE = {torch.float32: (2e-6, 2e-6), torch.float16: (2e-6, 2e-6), torch.bfloat16: (2e-6, 2e-6)}
 
 
-def devices() -> list[str]:
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+def devices() -> list:
+    """Parametrisation values: CUDA cases carry the ``gpu`` marker (skipped without a GPU)."""
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def backend_or_skip(op: str, name: str, device: str, dtype: torch.dtype) -> _dispatch.Backend:

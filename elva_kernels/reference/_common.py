@@ -92,3 +92,15 @@ def prepare_backward(x: torch.Tensor, metric: str, grad_prepared: torch.Tensor) 
     if metric == "dot":
         return grad_prepared.to(x.dtype)
     return normalize_backward(x, grad_prepared).to(x.dtype)
+
+
+def fold_tile(best_values, best_indices, tile_values, tile_keys, first_index: int, k: int):
+    """Fold one tile (candidates ``first_index + j``) into a running top-k under the total order.
+
+    ``tile_keys`` orders the tile's entries (``orderable(scores)`` or any integer key); the running
+    best precede the tile, so for equal values they keep the smaller indices.
+    """
+    picked = tile_topk(tile_keys, k)
+    return merge_topk(
+        torch.cat([best_values, tile_values.gather(1, picked)], 1), torch.cat([best_indices, picked + first_index], 1), k
+    )

@@ -66,16 +66,10 @@ def mine_hard_negatives(
             if max_score is not None:
                 ineligible |= scores > max_score[q0:q1, None]
             scores = scores.masked_fill(ineligible, float("-inf"))
-            tile_hard = _common.tile_topk(_common.orderable(scores), n_hard)
-            hard_values, hard_ids = _common.merge_topk(
-                torch.cat([hard_values, scores.gather(1, tile_hard)], 1), torch.cat([hard_ids, tile_hard + c0], 1), n_hard
-            )
+            hard_values, hard_ids = _common.fold_tile(hard_values, hard_ids, scores, _common.orderable(scores), c0, n_hard)
             ids = torch.arange(c0, c1, device=device).expand(q1 - q0, -1)
             negated_keys = (-random_keys(seed, rows, ids)).masked_fill(ineligible, _NEVER)
-            tile_drawn = _common.tile_topk(negated_keys, keep)
-            drawn_keys, drawn_ids = _common.merge_topk(
-                torch.cat([drawn_keys, negated_keys.gather(1, tile_drawn)], 1), torch.cat([drawn_ids, tile_drawn + c0], 1), keep
-            )
+            drawn_keys, drawn_ids = _common.fold_tile(drawn_keys, drawn_ids, negated_keys, negated_keys, c0, keep)
         hard_ids = hard_ids.masked_fill(hard_values == float("-inf"), -1)
         drawn_ids = drawn_ids.masked_fill(drawn_keys == _NEVER, -1)
         # Random picks: smallest keys first, skipping the hard ones; the -1 padding sorts last.

@@ -38,10 +38,8 @@ def similarity_topk(
             if max_score is not None:
                 ineligible |= scores > max_score[q0:q1, None]
             scores = scores.masked_fill(ineligible, float("-inf"))
-            tile_best = _common.tile_topk(_common.orderable(scores), k)
-            # The running best precede this tile: for equal scores they have the smaller indices.
-            best_values, best_indices = _common.merge_topk(
-                torch.cat([best_values, scores.gather(1, tile_best)], 1), torch.cat([best_indices, tile_best + c0], 1), k
+            best_values, best_indices = _common.fold_tile(
+                best_values, best_indices, scores, _common.orderable(scores), c0, k
             )
         values[q0:q1] = best_values
         indices[q0:q1] = best_indices.masked_fill(best_values == float("-inf"), -1)

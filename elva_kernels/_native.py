@@ -21,6 +21,8 @@ else:
         LOAD_ERROR = f"the native extension failed to load ({error}); rebuild it: {_BUILD_HINT}"
 
 
+# A fact of the build, constant for the process: torch.compile evaluates it once while tracing.
+@torch.compiler.assume_constant_result
 def has_kernel(qualname: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, dispatch_key)
 

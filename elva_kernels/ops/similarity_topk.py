@@ -8,9 +8,14 @@ from elva_kernels.reference import _common
 from elva_kernels.reference.similarity_topk import similarity_topk as reference_similarity_topk
 
 OP = "similarity_topk"
-MAX_FAST_K = 4096
 
-_dispatch.register(OP, [_dispatch.Backend("torch", OP, devices=("cpu", "cuda"))])
+_dispatch.register(
+    OP,
+    [
+        _dispatch.Backend("cpu", OP, devices=("cpu",)),
+        _dispatch.Backend("torch", OP, devices=("cpu", "cuda")),
+    ],
+)
 
 
 def similarity_topk(
@@ -40,8 +45,10 @@ def similarity_topk(
         ``queries`` and ``candidates`` through the selected pairs only.
 
     Extra memory:
-        torch: one score tile (~2**22 fp32 + fp64) plus the [B, k] outputs; the backward
-        adds a tile-sized gather and an fp32 [N, d] candidate-gradient accumulator.
+        torch: one score tile (``reference._common.TILE_ELEMENTS`` fp32 + fp64) plus the [B, k]
+        outputs. cpu: the prepared queries (B x d fp32), per-thread candidate blocks and score
+        tiles, and top-k buffers of B x (k + min(max(k, 256), 16384)) entries. The backward adds a
+        tile-sized gather and an fp32 [N, d] candidate-gradient accumulator.
 
     Equivalent PyTorch (materialises [B, N], which this op never does)::
 

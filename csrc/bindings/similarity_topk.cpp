@@ -1,0 +1,87 @@
+// torch binding of elva::similarity_topk_cpu. The schema lives in elva_kernels/_library.py.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+
+#include "elva/similarity_topk.h"
+#include "tensor_args.h"
+
+namespace elva {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> similarity_topk_cpu_op(const at::Tensor& queries, const at::Tensor& candidates,
+                                                          int64_t k, c10::string_view metric,
+                                                          const std::optional<at::Tensor>& exclude,
+                                                          const std::optional<at::Tensor>& max_score) {
+  TORCH_INTERNAL_ASSERT(queries.device().is_cpu());
+  bindings::check_matrix(queries, "queries", "[B, d]");
+  bindings::check_matrix(candidates, "candidates", "[N, d] with the queries' d");
+  const DType dtype = bindings::float_dtype(queries, "queries");
+  bindings::float_dtype(candidates, "candidates");
+  TORCH_CHECK_TYPE(candidates.scalar_type() == queries.scalar_type(),
+                   "candidates must have the queries' dtype; got queries ", queries.scalar_type(), " and candidates ",
+                   candidates.scalar_type());
+  TORCH_CHECK_VALUE(candidates.device().is_cpu(), "candidates must be on the queries' device (cpu); got ",
+                    candidates.device());
+  const int64_t B = queries.size(0), d = queries.size(1), N = candidates.size(0);
+  TORCH_CHECK_VALUE(candidates.size(1) == d, "candidates must be [N, d] with the queries' d = ", d, "; got shape ",
+                    candidates.sizes());
+  TORCH_CHECK_VALUE(B >= 1 && d >= 1, "queries must not be empty [B, d]; got shape ", queries.sizes());
+  TORCH_CHECK_VALUE(N >= 1, "candidates must not be empty [N, d]; got shape ", candidates.sizes());
+  TORCH_CHECK_VALUE(k >= 1 && k <= N, "k must be an int in [1, ", N, "]; got ", k);
+  const std::string metric_name(metric);
+  TORCH_CHECK_VALUE(metric_name == "cosine" || metric_name == "dot",
+                    "metric must be one of ('cosine', 'dot'); got '", metric_name, "'");
+
+  at::Tensor exclude_ids;
+  if (exclude.has_value()) {
+    exclude_ids = *exclude;
+    TORCH_CHECK_TYPE(exclude_ids.scalar_type() == at::kLong, "exclude must be int64 [B, m]; got dtype ",
+                     exclude_ids.scalar_type());
+    TORCH_CHECK_VALUE(exclude_ids.dim() == 2 && exclude_ids.size(0) == B, "exclude must be int64 [B, m] with B = ", B,
+                      "; got shape ", exclude_ids.sizes());
+    TORCH_CHECK_VALUE(exclude_ids.device().is_cpu(), "exclude must be on the queries' device (cpu); got ",
+                      exclude_ids.device());
+    exclude_ids = exclude_ids.contiguous();
+    const int64_t* ids = exclude_ids.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < exclude_ids.numel(); ++i) {
+      TORCH_CHECK_VALUE(ids[i] >= -1 && ids[i] < N, "exclude holds ids outside -1 (padding) or [0, ", N, "); got ",
+                        ids[i]);
+    }
+  }
+  at::Tensor limits;
+  if (max_score.has_value()) {
+    limits = *max_score;
+    TORCH_CHECK_TYPE(limits.scalar_type() == at::kFloat, "max_score must be a float32 [B] tensor; got dtype ",
+                     limits.scalar_type());
+    TORCH_CHECK_VALUE(limits.dim() == 1 && limits.size(0) == B, "max_score must be a float32 [B] tensor with B = ", B,
+                      "; got shape ", limits.sizes());
+    TORCH_CHECK_VALUE(limits.device().is_cpu(), "max_score must be on the queries' device (cpu); got ",
+                      limits.device());
+    limits = limits.contiguous();
+  }
+
+  const at::Tensor q = bindings::with_unit_stride_rows(queries);
+  const at::Tensor c = bindings::with_unit_stride_rows(candidates);
+  at::Tensor values = at::empty({B, k}, queries.options().dtype(at::kFloat));
+  at::Tensor indices = at::empty({B, k}, queries.options().dtype(at::kLong));
+  const SimilarityTopkStatus status = similarity_topk_cpu(
+      q.const_data_ptr(), q.stride(0), c.const_data_ptr(), c.stride(0), dtype, B, N, d, k,
+      metric_name == "cosine" ? Metric::Cosine : Metric::Dot,
+      exclude_ids.defined() ? exclude_ids.const_data_ptr<int64_t>() : nullptr,
+      exclude_ids.defined() ? exclude_ids.size(1) : 0, limits.defined() ? limits.const_data_ptr<float>() : nullptr,
+      values.mutable_data_ptr<float>(), indices.mutable_data_ptr<int64_t>());
+  TORCH_CHECK_VALUE(status.nonfinite_queries == 0, "queries must contain only finite values; found ",
+                    status.nonfinite_queries, " NaN/Inf entries");
+  TORCH_CHECK_VALUE(!status.nonfinite_candidates,
+                    "candidates must contain only finite values; found NaN/Inf entries (detected in the kernel)");
+  return {values, indices};
+}
+
+}  // namespace
+}  // namespace elva
+
+TORCH_LIBRARY_IMPL(elva, CPU, m) { m.impl("similarity_topk_cpu", &elva::similarity_topk_cpu_op); }

@@ -1,0 +1,236 @@
+"""similarity_topk, C++/OpenMP CPU backend: against the reference over ragged random cases, ties, exclusions,
+max_score, k up to N, every dtype; exact duplicates; errors; opcheck."""
+import pytest
+import torch
+
+from elva_kernels import similarity_topk
+from tests.helpers import assert_close_verbose, backend_or_skip, check_backend_against_reference, random_rows, ragged_size
+
+OP = "similarity_topk"
+
+
+def cpu_op():
+    backend_or_skip(OP, "cpu", "cpu", torch.float32)
+    return torch.ops.elva.similarity_topk_cpu
+
+
+def make_case(gen, dtype, metric="cosine", *, big=False):
+    rows = ragged_size(gen, 1, 40 if big else 19)
+    pool = ragged_size(gen, 1, 2500 if big else 300)
+    dim = ragged_size(gen, 1, 300 if big else 48)
+    case = {
+        "queries": random_rows(gen, rows, dim, ties=False).to(dtype),
+        "candidates": random_rows(gen, pool, dim, ties=True).to(dtype),
+        "k": ragged_size(gen, 1, pool),
+        "metric": metric,
+        "exclude": None,
+        "max_score": None,
+    }
+    if int(torch.randint(0, 2, (1,), generator=gen)):
+        case["exclude"] = torch.randint(-1, pool, (rows, ragged_size(gen, 1, 6)), generator=gen)
+    if int(torch.randint(0, 2, (1,), generator=gen)):
+        scale = 1.0 if metric == "cosine" else float(dim) ** 0.5
+        case["max_score"] = (torch.rand(rows, generator=gen) * 1.2 - 0.4) * scale
+    return case
+
+
+def run(case, backend):
+    return similarity_topk(
+        case["queries"], case["candidates"], case["k"], metric=case["metric"], exclude=case["exclude"],
+        max_score=case["max_score"], backend=backend,
+    )
+
+
+def compare(actual, expected, case, dtype):
+    """Values within 1e-5; indices exact except inside near-ties of the reference (then as value multisets)."""
+    values, indices = actual
+    ref_values, ref_indices = expected
+    assert values.dtype == torch.float32 and indices.dtype == torch.int64
+    padded = ref_indices == -1
+    assert torch.equal(indices == -1, padded), "the -1 tails differ"
+    assert torch.equal(values[padded], ref_values[padded])
+    real = ~padded
+    scale = ref_values.abs().clamp_min(1.0)
+    assert_close_verbose(
+        torch.where(real, values, 0.0), torch.where(real, ref_values, 0.0), atol=1e-5, rtol=1e-5, what="values"
+    )
+    # A slot is a near-tie when its reference score is within 1e-5 (relative) of a neighbour's.
+    gaps = ref_values.diff(dim=1).abs() < 1e-5 * torch.maximum(scale[:, 1:], scale[:, :-1])
+    near = torch.zeros_like(real)
+    near[:, 1:] |= gaps
+    near[:, :-1] |= gaps
+    exact = real & ~near
+    assert torch.equal(indices[exact], ref_indices[exact]), "indices differ outside near-ties"
+    # Inside near-ties the candidates may come in another order, but their scores are the same multiset, and
+    # within this backend equal scores come out by index.
+    for row in range(values.shape[0]):
+        ours = values[row][real[row]].sort().values
+        theirs = ref_values[row][real[row]].sort().values
+        assert_close_verbose(ours, theirs, atol=1e-5, rtol=1e-5, what=f"row {row} value multiset")
+        v, i = values[row][real[row]], indices[row][real[row]]
+        same = v[1:] == v[:-1]
+        assert bool((i[1:][same] > i[:-1][same]).all()), "equal scores not by index"
+        assert bool((v[1:] <= v[:-1]).all()), "values not descending"
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_cpu_matches_reference(metric):
+    cpu_op()
+    check_backend_against_reference(OP, "cpu", lambda g, dt: make_case(g, dt, metric), run, compare, cases=25)
+
+
+def test_cpu_matches_reference_several_blocks():
+    cpu_op()
+    check_backend_against_reference(OP, "cpu", lambda g, dt: make_case(g, dt, big=True), run, compare, cases=6, seed=5)
+
+
+def test_cpu_large_k_and_k_equals_n():
+    op = cpu_op()
+    gen = torch.Generator().manual_seed(11)
+    q, c = random_rows(gen, 7, 33, ties=False), random_rows(gen, 5000, 33, ties=True)
+    for k in (4096, 5000):
+        values, indices = op(q, c, k, "cosine", None, None)
+        ref_values, ref_indices = similarity_topk(q, c, k, backend="torch")
+        compare((values, indices), (ref_values, ref_indices), {}, torch.float32)
+    assert sorted(indices[0].tolist()) == list(range(5000))
+
+
+def test_cpu_exact_duplicates_come_out_by_index():
+    op = cpu_op()
+    base = torch.randn(5, 16)
+    candidates = torch.cat([base, base, base])  # ids i, i + 5, i + 10 hold the same vector
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        values, indices = op(base[:2].to(dtype), candidates.to(dtype), 15, "cosine", None, None)
+        for row in range(2):
+            for i in range(0, 15, 3):
+                assert torch.equal(values[row, i : i + 3], values[row, i].expand(3))
+                group = indices[row, i : i + 3].tolist()
+                assert group == sorted(group) and len({g % 5 for g in group}) == 1
+            assert indices[row, :3].tolist() == [row, row + 5, row + 10]
+
+
+def test_cpu_all_equal_scores_give_ascending_indices():
+    op = cpu_op()
+    values, indices = op(torch.ones(3, 4), torch.ones(2000, 4), 2000, "cosine", None, None)
+    assert torch.equal(indices, torch.arange(2000).expand(3, -1))
+
+
+def test_cpu_too_few_eligible():
+    op = cpu_op()
+    q, c = torch.randn(3, 8), torch.randn(20, 8)
+    exclude = torch.tensor([[0, 1, 2, -1]] * 3)
+    values, indices = op(q, c, 20, "dot", exclude, torch.full((3,), -1e30))
+    assert torch.equal(indices, torch.full((3, 20), -1)) and bool((values == float("-inf")).all())
+    values, indices = op(q, c, 20, "dot", exclude, None)
+    assert bool((indices[:, 17:] == -1).all()) and bool((indices[:, :17] >= 3).all())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_cpu_non_finite_raises(bad):
+    op = cpu_op()
+    q, c = torch.randn(4, 8), torch.randn(2000, 8)
+    q_bad, c_bad = q.clone(), c.clone()
+    q_bad[1, 3], c_bad[1500, 2] = bad, bad
+    with pytest.raises(ValueError, match="queries must contain only finite values"):
+        op(q_bad, c, 3, "cosine", None, None)
+    with pytest.raises(ValueError, match="candidates must contain only finite values"):
+        op(q, c_bad, 3, "dot", None, None)
+    with pytest.raises(ValueError, match="candidates must contain only finite values"):
+        similarity_topk(q.half(), c_bad.half(), 3, backend="cpu")
+    with pytest.raises(ValueError, match="candidates must contain only finite values"):
+        op(q.bfloat16(), c_bad.bfloat16(), 3, "cosine", None, None)
+
+
+def test_cpu_bad_arguments_raise():
+    op = cpu_op()
+    q, c = torch.randn(4, 8), torch.randn(30, 8)
+    with pytest.raises(ValueError, match="exclude"):
+        op(q, c, 3, "cosine", torch.tensor([[0, 30]] * 4), None)
+    with pytest.raises(ValueError, match="exclude"):
+        op(q, c, 3, "cosine", torch.tensor([[-2]] * 4), None)
+    with pytest.raises(ValueError, match="exclude"):
+        similarity_topk(q, c, 3, exclude=torch.tensor([[0, 30]] * 4), backend="cpu")
+    with pytest.raises(ValueError, match="k"):
+        op(q, c, 31, "cosine", None, None)
+    with pytest.raises(ValueError, match="k"):
+        op(q, c, 0, "cosine", None, None)
+    with pytest.raises(ValueError, match="metric"):
+        op(q, c, 3, "l2", None, None)
+    with pytest.raises(ValueError, match="candidates"):
+        op(q, torch.randn(30, 9), 3, "cosine", None, None)
+    with pytest.raises(TypeError, match="candidates"):
+        op(q, c.half(), 3, "cosine", None, None)
+    with pytest.raises(TypeError, match="queries"):
+        op(q.double(), c.double(), 3, "cosine", None, None)
+    with pytest.raises(ValueError, match="max_score"):
+        op(q, c, 3, "cosine", None, torch.zeros(5))
+
+
+def test_cpu_strided_inputs():
+    op = cpu_op()
+    q, c = torch.randn(6, 20), torch.randn(100, 40)
+    expected = similarity_topk(q, c[:, ::2].contiguous(), 9, backend="torch")
+    values, indices = op(q, c[:, ::2], 9, "cosine", None, None)  # non-unit column stride: copied
+    assert torch.equal(indices, expected[1])
+    expected = similarity_topk(q[:, :10], c[:, :10], 9, backend="torch")
+    values, indices = op(q[:, :10], c[:, :10], 9, "cosine", None, None)  # padded rows: used in place
+    assert torch.equal(indices, expected[1])
+
+
+def test_cpu_opcheck():
+    cpu_op()
+    q = torch.randn(4, 8, requires_grad=True)
+    c = torch.randn(30, 8, requires_grad=True)
+    op = torch.ops.elva.similarity_topk_cpu.default
+    torch.library.opcheck(op, (q, c, 5, "cosine", None, None))
+    torch.library.opcheck(op, (q, c, 30, "dot", torch.tensor([[1, -1]] * 4), torch.full((4,), 0.2)))
+    torch.library.opcheck(op, (q.detach().half(), c.detach().half(), 3, "cosine", None, None))
+    torch.library.opcheck(op, (q.detach().bfloat16(), c.detach().bfloat16(), 30, "dot", None, None))
+
+
+def test_cpu_gradient_matches_reference():
+    cpu_op()
+    q = torch.randn(5, 12, requires_grad=True)
+    c = torch.randn(40, 12, requires_grad=True)
+    grad_out = torch.randn(5, 7)
+    values, _ = similarity_topk(q, c, 7, backend="cpu")
+    (values * grad_out).sum().backward()
+    ours = q.grad, c.grad
+    q.grad = c.grad = None
+    values, _ = similarity_topk(q, c, 7, backend="torch")
+    (values * grad_out).sum().backward()
+    assert_close_verbose(ours[0], q.grad, atol=1e-5, rtol=1e-4, what="grad queries")
+    assert_close_verbose(ours[1], c.grad, atol=1e-5, rtol=1e-4, what="grad candidates")
+
+
+def test_cpu_kernel_variants_agree_bitwise(monkeypatch):
+    """Every kernel (bf16 screening, AVX-512, AVX2, scalar) reports canonical rescored scores: bitwise-identical."""
+    op = cpu_op()
+    gen = torch.Generator().manual_seed(13)
+    q, c = random_rows(gen, 45, 150, ties=False), random_rows(gen, 1200, 150, ties=True)
+    results = []
+    for isa in ("", "avx512bf16", "avx512", "avx2", "scalar"):
+        monkeypatch.setenv("ELVA_CPU_ISA", isa)
+        results.append(op(q, c, 60, "cosine", None, None))
+        results.append(op(q[:3], c, 60, "dot", None, None))  # few queries: the threads split the candidates
+    for got in results[2:]:
+        expected = results[0] if got[0].shape[0] == 45 else results[1]
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_cpu_screening_resolves_differences_below_bf16(monkeypatch, metric):
+    """Candidates closer than bf16 can resolve: the bf16-screened search must still give the exact fp32 order."""
+    op = cpu_op()
+    gen = torch.Generator().manual_seed(17)
+    q = torch.randn(40, 96, generator=gen)
+    base = q[torch.randint(0, 40, (3000,), generator=gen)]
+    c = base + 1e-3 * torch.randn(3000, 96, generator=gen)  # scores within ~1e-3 of each other per query
+    c[::7] = c[3::7].clone()  # and exact duplicates
+    results = {}
+    for isa in ("", "avx512", "scalar"):
+        monkeypatch.setenv("ELVA_CPU_ISA", isa)
+        results[isa] = op(q, c, 200, metric, None, None)
+    for isa in ("avx512", "scalar"):
+        assert torch.equal(results[isa][0], results[""][0]) and torch.equal(results[isa][1], results[""][1])
+    compare(results[""], similarity_topk(q, c, 200, metric=metric, backend="torch"), {}, torch.float32)

@@ -3,28 +3,13 @@
 #include <algorithm>
 #include <cmath>
 
+#include "score_tiles.h"  // sum_of_squares: the one fp32 row reduction of the CPU kernels
+
 namespace elva {
 namespace {
 
-// Independent fp32 partial sums: the compiler keeps them in vector registers without reassociating (no
-// -ffast-math needed), and each holds dim/16 terms, which keeps the rounding error of long rows small.
-constexpr int kLanes = 16;
-
 // Below this many elements, starting the OpenMP team costs more than the work.
 constexpr int64_t kParallelMinElements = 1 << 15;
-
-float sum_of_squares(const float* values, int64_t dim) {
-  float lanes[kLanes] = {};
-  const int64_t body = dim - dim % kLanes;
-  for (int64_t i = 0; i < body; i += kLanes) {
-    for (int lane = 0; lane < kLanes; ++lane) lanes[lane] += values[i + lane] * values[i + lane];
-  }
-  for (int64_t i = body; i < dim; ++i) lanes[i - body] += values[i] * values[i];
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int lane = 0; lane < width; ++lane) lanes[lane] += lanes[lane + width];
-  }
-  return lanes[0];
-}
 
 int64_t count_nonfinite(const float* values, int64_t dim) {
   return std::count_if(values, values + dim, [](float v) { return !std::isfinite(v); });
@@ -47,7 +32,7 @@ int64_t normalize_row(const void* row, DType dtype, int64_t dim, float eps, floa
     widen_row(static_cast<const uint16_t*>(row), dtype, dim, out);
     values = out;
   }
-  const float squares = sum_of_squares(values, dim);
+  const float squares = tiles::sum_of_squares(values, dim);
   // NaN/Inf entries make the sum non-finite, so finite rows pay nothing for the check.
   if (!std::isfinite(squares)) {
     const int64_t nonfinite = count_nonfinite(values, dim);

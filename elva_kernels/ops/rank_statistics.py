@@ -11,7 +11,9 @@ from elva_kernels.reference.rank_statistics import rank_statistics as reference_
 
 OP = "rank_statistics"
 
-_dispatch.register(OP, [_dispatch.Backend("torch", OP, devices=("cpu", "cuda"))])
+_dispatch.register(
+    OP, [_dispatch.Backend("cpu", OP, devices=("cpu",)), _dispatch.Backend("torch", OP, devices=("cpu", "cuda"))]
+)
 
 
 class RankStatistics(NamedTuple):
@@ -51,7 +53,9 @@ def rank_statistics(
         differentiable.
 
     Extra memory:
-        torch: one score tile (~2**22 scores) plus O(B * m); never [B, N].
+        torch: one score tile (``reference._common.TILE_ELEMENTS`` scores) plus O(B * m).
+        cpu: the prepared queries (B x d fp32) and per-thread candidate blocks and score tiles.
+        Never [B, N].
 
     Equivalent PyTorch (materialises [B, N])::
 

@@ -17,41 +17,12 @@ std::tuple<at::Tensor, at::Tensor> similarity_topk_cpu_op(const at::Tensor& quer
                                                           const std::optional<at::Tensor>& exclude,
                                                           const std::optional<at::Tensor>& max_score) {
   TORCH_INTERNAL_ASSERT(queries.device().is_cpu());
-  bindings::check_matrix(queries, "queries", "[B, d]");
-  bindings::check_matrix(candidates, "candidates", "[N, d] with the queries' d");
-  const DType dtype = bindings::float_dtype(queries, "queries");
-  bindings::float_dtype(candidates, "candidates");
-  TORCH_CHECK_TYPE(candidates.scalar_type() == queries.scalar_type(),
-                   "candidates must have the queries' dtype; got queries ", queries.scalar_type(), " and candidates ",
-                   candidates.scalar_type());
-  TORCH_CHECK_VALUE(candidates.device().is_cpu(), "candidates must be on the queries' device (cpu); got ",
-                    candidates.device());
-  const int64_t B = queries.size(0), d = queries.size(1), N = candidates.size(0);
-  TORCH_CHECK_VALUE(candidates.size(1) == d, "candidates must be [N, d] with the queries' d = ", d, "; got shape ",
-                    candidates.sizes());
-  TORCH_CHECK_VALUE(B >= 1 && d >= 1, "queries must not be empty [B, d]; got shape ", queries.sizes());
-  TORCH_CHECK_VALUE(N >= 1, "candidates must not be empty [N, d]; got shape ", candidates.sizes());
+  const auto [dtype, B, d, N] = bindings::check_queries_and_candidates(queries, candidates);
   TORCH_CHECK_VALUE(k >= 1 && k <= N, "k must be an int in [1, ", N, "]; got ", k);
-  const std::string metric_name(metric);
-  TORCH_CHECK_VALUE(metric_name == "cosine" || metric_name == "dot",
-                    "metric must be one of ('cosine', 'dot'); got '", metric_name, "'");
+  const Metric metric_kind = bindings::is_cosine(metric) ? Metric::Cosine : Metric::Dot;
 
   at::Tensor exclude_ids;
-  if (exclude.has_value()) {
-    exclude_ids = *exclude;
-    TORCH_CHECK_TYPE(exclude_ids.scalar_type() == at::kLong, "exclude must be int64 [B, m]; got dtype ",
-                     exclude_ids.scalar_type());
-    TORCH_CHECK_VALUE(exclude_ids.dim() == 2 && exclude_ids.size(0) == B, "exclude must be int64 [B, m] with B = ", B,
-                      "; got shape ", exclude_ids.sizes());
-    TORCH_CHECK_VALUE(exclude_ids.device().is_cpu(), "exclude must be on the queries' device (cpu); got ",
-                      exclude_ids.device());
-    exclude_ids = exclude_ids.contiguous();
-    const int64_t* ids = exclude_ids.const_data_ptr<int64_t>();
-    for (int64_t i = 0; i < exclude_ids.numel(); ++i) {
-      TORCH_CHECK_VALUE(ids[i] >= -1 && ids[i] < N, "exclude holds ids outside -1 (padding) or [0, ", N, "); got ",
-                        ids[i]);
-    }
-  }
+  if (exclude.has_value()) exclude_ids = bindings::id_matrix(*exclude, "exclude", B, N);
   at::Tensor limits;
   if (max_score.has_value()) {
     limits = *max_score;
@@ -70,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor> similarity_topk_cpu_op(const at::Tensor& quer
   at::Tensor indices = at::empty({B, k}, queries.options().dtype(at::kLong));
   const SimilarityTopkStatus status = similarity_topk_cpu(
       q.const_data_ptr(), q.stride(0), c.const_data_ptr(), c.stride(0), dtype, B, N, d, k,
-      metric_name == "cosine" ? Metric::Cosine : Metric::Dot,
+      metric_kind,
       exclude_ids.defined() ? exclude_ids.const_data_ptr<int64_t>() : nullptr,
       exclude_ids.defined() ? exclude_ids.size(1) : 0, limits.defined() ? limits.const_data_ptr<float>() : nullptr,
       values.mutable_data_ptr<float>(), indices.mutable_data_ptr<int64_t>());

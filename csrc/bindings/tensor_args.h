@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <string>
 
 #include "elva/common.h"
 
@@ -29,6 +30,53 @@ inline void check_positive_finite(double value, const char* name) {
 // The kernels take a row stride but need unit-stride rows: only other layouts are copied.
 inline at::Tensor with_unit_stride_rows(const at::Tensor& matrix) {
   return matrix.size(1) <= 1 || matrix.stride(1) == 1 ? matrix : matrix.contiguous();
+}
+
+// Sizes of a (queries [B, d], candidates [N, d]) pair, checked: one float dtype, one CPU device, same d,
+// nothing empty.
+struct PoolShape {
+  DType dtype;
+  int64_t B, d, N;
+};
+
+inline PoolShape check_queries_and_candidates(const at::Tensor& queries, const at::Tensor& candidates) {
+  check_matrix(queries, "queries", "[B, d]");
+  check_matrix(candidates, "candidates", "[N, d] with the queries' d");
+  const DType dtype = float_dtype(queries, "queries");
+  float_dtype(candidates, "candidates");
+  TORCH_CHECK_TYPE(candidates.scalar_type() == queries.scalar_type(),
+                   "candidates must have the queries' dtype; got queries ", queries.scalar_type(), " and candidates ",
+                   candidates.scalar_type());
+  TORCH_CHECK_VALUE(candidates.device().is_cpu(), "candidates must be on the queries' device (cpu); got ",
+                    candidates.device());
+  const int64_t B = queries.size(0), d = queries.size(1), N = candidates.size(0);
+  TORCH_CHECK_VALUE(candidates.size(1) == d, "candidates must be [N, d] with the queries' d = ", d, "; got shape ",
+                    candidates.sizes());
+  TORCH_CHECK_VALUE(B >= 1 && d >= 1, "queries must not be empty [B, d]; got shape ", queries.sizes());
+  TORCH_CHECK_VALUE(N >= 1, "candidates must not be empty [N, d]; got shape ", candidates.sizes());
+  return {dtype, B, d, N};
+}
+
+// "cosine" -> true, "dot" -> false.
+inline bool is_cosine(c10::string_view metric) {
+  const std::string name(metric);
+  TORCH_CHECK_VALUE(name == "cosine" || name == "dot", "metric must be one of ('cosine', 'dot'); got '", name, "'");
+  return name == "cosine";
+}
+
+// int64 [B, m] candidate ids, -1 = padding, every other id in [0, N); returned contiguous.
+inline at::Tensor id_matrix(const at::Tensor& ids, const char* name, int64_t B, int64_t N) {
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, name, " must be int64 [B, m]; got dtype ", ids.scalar_type());
+  TORCH_CHECK_VALUE(ids.dim() == 2 && ids.size(0) == B, name, " must be int64 [B, m] with B = ", B, "; got shape ",
+                    ids.sizes());
+  TORCH_CHECK_VALUE(ids.device().is_cpu(), name, " must be on the queries' device (cpu); got ", ids.device());
+  at::Tensor out = ids.contiguous();
+  const int64_t* data = out.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < out.numel(); ++i) {
+    TORCH_CHECK_VALUE(data[i] >= -1 && data[i] < N, name, " holds ids outside -1 (padding) or [0, ", N, "); got ",
+                      data[i]);
+  }
+  return out;
 }
 
 }  // namespace elva::bindings

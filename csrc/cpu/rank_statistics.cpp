@@ -219,31 +219,9 @@ RankStatisticsStatus rank_statistics_cpu(const void* queries, int64_t query_stri
         }
       }
       for (int64_t panel = panel0; panel < panel1; ++panel) {
-        if (use16) {
-          for (int64_t k0 = 0; k0 < d2; k0 += KC) {
-            const int64_t kc = std::min(KC, d2 - k0);
-            const uint16_t* qpanel = packed_queries_bf16.data() + (panel * d2 + k0) * 2 * QP;
-            for (int64_t g = 0; g < full_groups; ++g) {
-              kernel_bf16(qpanel, my_rows16 + g * CR * 2 * d2 + 2 * k0, 2 * d2, kc, tile.data() + g * CR * QP,
-                          k0 == 0);
-            }
-            if (groups > full_groups) {
-              kernel_bf16(qpanel, tail_bf16.data() + 2 * k0, 2 * d2, kc, tile.data() + full_groups * CR * QP, k0 == 0);
-            }
-          }
-        } else {
-          for (int64_t k0 = 0; k0 < d; k0 += KC) {
-            const int64_t kc = std::min(KC, d - k0);
-            const float* qpanel = packed_queries.data() + (panel * d + k0) * QP;
-            for (int64_t g = 0; g < full_groups; ++g) {
-              kernel(qpanel, rows + g * CR * ld + k0, ld, kc, tile.data() + g * CR * QP, k0 == 0);
-            }
-            if (groups > full_groups) {
-              kernel(qpanel, tail.data() + k0, d, kc, tile.data() + full_groups * CR * QP, k0 == 0);
-            }
-          }
-        }
-        if (d == 0) std::fill(tile.begin(), tile.end(), 0.0f);
+        score_panel(kernel, use16, packed_queries.data() + panel * d * QP, packed_queries_bf16.data() + panel * d2 * 2 * QP,
+                    {rows, ld, tail.data(), my_rows16, tail_bf16.data(), full_groups, groups}, d, tile.data(),
+                    static_cast<int64_t>(tile.size()));
         // Padded query lanes get +inf targets, so they never count nor pass.
         for (int64_t i = 0; i < QP; ++i) {
           const int64_t b = panel * QP + i;

@@ -267,5 +267,31 @@ Dot pick_dot() {
   return __builtin_cpu_supports("avx512f") ? canonical_dot_avx512 : canonical_dot_portable;
 }
 
+void score_panel(Kernel kernel, bool bf16, const float* qpanel, const uint16_t* qpanel16, const Block& block,
+                 int64_t d, float* tile, int64_t tile_size) {
+  const int64_t d2 = (d + 1) / 2;
+  const bool partial = block.groups > block.full_groups;
+  if (bf16) {
+    for (int64_t k0 = 0; k0 < d2; k0 += KC) {
+      const int64_t kc = std::min(KC, d2 - k0);
+      const uint16_t* q = qpanel16 + k0 * 2 * QP;
+      for (int64_t g = 0; g < block.full_groups; ++g) {
+        kernel_bf16(q, block.rows16 + g * CR * 2 * d2 + 2 * k0, 2 * d2, kc, tile + g * CR * QP, k0 == 0);
+      }
+      if (partial) kernel_bf16(q, block.tail16 + 2 * k0, 2 * d2, kc, tile + block.full_groups * CR * QP, k0 == 0);
+    }
+  } else {
+    for (int64_t k0 = 0; k0 < d; k0 += KC) {
+      const int64_t kc = std::min(KC, d - k0);
+      const float* q = qpanel + k0 * QP;
+      for (int64_t g = 0; g < block.full_groups; ++g) {
+        kernel(q, block.rows + g * CR * block.ld + k0, block.ld, kc, tile + g * CR * QP, k0 == 0);
+      }
+      if (partial) kernel(q, block.tail + k0, d, kc, tile + block.full_groups * CR * QP, k0 == 0);
+    }
+  }
+  if (d == 0) std::fill(tile, tile + tile_size, 0.0f);
+}
+
 }  // namespace tiles
 }  // namespace elva

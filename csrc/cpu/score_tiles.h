@@ -70,6 +70,24 @@ Kernel pick_kernel();
 // Screen in bf16 (VDPBF16PS) unless ELVA_CPU_ISA names another kernel or the CPU lacks AVX512_BF16.
 bool use_bf16_screen();
 
+// One block of prepared candidate rows as the micro-kernels read it: `full_groups` whole CR-row groups in place
+// (fp32 rows with stride ld, or bf16 pairs with stride 2 * d2) and, when groups > full_groups, the zero-padded
+// partial last group copied to tail / tail16.
+struct Block {
+  const float* rows;
+  int64_t ld;
+  const float* tail;
+  const uint16_t* rows16;
+  const uint16_t* tail16;
+  int64_t full_groups;
+  int64_t groups;
+};
+
+// Screened scores of one QP-query panel against a block -> tile[j * QP + i] for the block's CR-padded rows.
+// With `bf16` the panel is qpanel16 (packed bf16 pairs, d2 = (d + 1) / 2 of them), else qpanel (packed fp32).
+void score_panel(Kernel kernel, bool bf16, const float* qpanel, const uint16_t* qpanel16, const Block& block,
+                 int64_t d, float* tile, int64_t tile_size);
+
 // |screened - canonical| <= scale ||q|| ||c|| / divisor + tiny (||q|| + 1) (||c|| + 1) / divisor: each side's
 // rounding to bf16 when screening, and the fp32 sums of both scores (gamma_(d+2) with unit 2^-23 whatever the
 // summation order), with a 1% margin, plus the float rounding of `screened +- bound` and of the cosine divisions;

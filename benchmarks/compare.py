@@ -68,7 +68,7 @@ PRESETS: dict[str, dict[str, list[dict]]] = {
     "similarity_topk": {
         "smoke": [dict(_A1_SMOKE, k=10)],
         "cpu": [dict(_A1_CPU, k=100)],
-        "gpu": [dict(_A1_GPU, k=k) for k in (10, 100, 1000)],
+        "gpu": [dict(_A1_GPU, B=b, k=k) for b in (1024, 4096) for k in (10, 100, 1000)],
     },
     "rank_statistics": {"smoke": [_A1_SMOKE], "cpu": [_A1_CPU], "gpu": [_A1_GPU]},
     "elva_rewards": {
@@ -127,6 +127,8 @@ def backend_providers(op: str, call: _dispatch.Call, bind: Callable[[Callable, s
     providers = []
     for backend in _dispatch.backends(op):
         reasons = backend.refusal_reasons(call)
+        if backend.name == "torch" and call.device.type == "cuda" and not reasons:
+            reasons = ["the float64 reference is the correctness oracle, not a GPU contender (seconds per call)"]
         fn = None if reasons else bind(public, backend.name)
         providers.append(Provider(f"elva:{backend.name}", fn, "; ".join(reasons)))
     return providers

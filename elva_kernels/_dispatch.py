@@ -31,7 +31,7 @@ class Call:
 
     def describe(self) -> str:
         lines = [f"  {name:<16} {shape}" for name, shape in self.shapes.items()]
-        extra = ", ".join(f"{k}={v}" for k, v in ({"k": self.k} if self.k else {}) | self.sizes.items())
+        extra = ", ".join(f"{k}={v}" for k, v in (({"k": self.k} if self.k else {}) | self.sizes).items())
         return "\n".join(lines + [f"  device={self.device}, dtype={self.dtype}" + (f", {extra}" if extra else "")])
 
 

@@ -42,10 +42,33 @@ SIGNATURES = {
     ),
 }
 
+# Building blocks of the GPU backends (elva_kernels/_split_select.py drives them; the Triton launchers in
+# triton/ take the same arguments). Keys, scores and eligibility are defined in that module's docstring.
+#   split_topk: the list_size largest eligible keys of every (query, candidate split), any order.
+#   pair_scores: the score of (row, ids[row, j]) with the arithmetic of split_topk, -inf for id -1.
+#   split_rank_counts: per (query, split), non-positive eligible candidates whose key beats pos_keys[row],
+#     and the largest such key (or INT64_MIN).
+KERNEL_SIGNATURES = {
+    "split_topk": (
+        "(Tensor queries, Tensor candidates, Tensor query_scale, Tensor candidate_scale, Tensor? exclude,"
+        " Tensor? max_score, Tensor upper, int split_size, int list_size, int key_mode, int seed)"
+        " -> (Tensor keys, Tensor nonfinite)"
+    ),
+    "pair_scores": (
+        "(Tensor queries, Tensor candidates, Tensor query_scale, Tensor candidate_scale, Tensor ids) -> Tensor"
+    ),
+    "split_rank_counts": (
+        "(Tensor queries, Tensor candidates, Tensor query_scale, Tensor candidate_scale, Tensor positives,"
+        " Tensor? exclude, Tensor pos_keys, int split_size) -> (Tensor ahead, Tensor max_neg_keys, Tensor nonfinite)"
+    ),
+}
+
 lib = torch.library.Library("elva", "DEF")
 for _op, _signature in SIGNATURES.items():
     for _backend in BACKENDS:
         lib.define(f"{_op}_{_backend}{_signature}")
+for _kernel, _signature in KERNEL_SIGNATURES.items():
+    lib.define(f"{_kernel}_cuda{_signature}")
 
 
 def qualname(op: str, backend: str) -> str:

@@ -3,9 +3,10 @@
 # extension, run the GPU tests, time the headline benchmarks, print a compact table.
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh        # OUT defaults to ./gpu_check_out
+#   ELVA_GPU_BENCH="similarity_topk rank_statistics" bash scripts/gpu_check.sh   # only these benchmarks
 #
 # Every step runs under `timeout` and logs to $OUT; a failing step is recorded, not fatal, so
-# one broken piece still leaves the others' figures. The limits below add up to under 8 minutes.
+# one broken piece still leaves the others' figures. The limits below add up to under 10 minutes.
 # The script exits 1 when any step failed.
 set -euo pipefail
 
@@ -16,15 +17,16 @@ mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 START_UTC=$(date -u +%Y-%m-%dT%H:%M:%S)
 
-# Seconds per step: build 150, tests 110, benchmarks 185 (headline ops first), environment 10.
+# Seconds per step: build 150, tests 150, benchmarks 265 (headline ops first), environment 10.
 BENCHMARKS=(
-  "similarity_topk 60"
-  "infonce_loss 50"
+  "similarity_topk 120"
+  "rank_statistics 40"
+  "mine_hard_negatives 40"
+  "infonce_loss 30"
   "elva_rewards 25"
-  "rank_statistics 20"
-  "mine_hard_negatives 20"
   "l2_normalize 10"
 )
+SELECTED=${ELVA_GPU_BENCH:-}
 
 STEPS=()
 CODES=()
@@ -50,11 +52,14 @@ step environment 10 "$OUT/environment.log" bash -c \
 step build 150 "$OUT/build.log" \
   "$PYTHON" -m pip install -v --no-index --no-build-isolation --no-deps -e .
 
-step "pytest -m gpu" 110 "$OUT/pytest_gpu.log" \
+step "pytest -m gpu" 150 "$OUT/pytest_gpu.log" \
   "$PYTHON" -m pytest -m gpu tests -q -p no:cacheprovider
 
 for entry in "${BENCHMARKS[@]}"; do
   read -r op limit <<<"$entry"
+  if [ -n "$SELECTED" ] && [[ " $SELECTED " != *" $op "* ]]; then
+    continue
+  fi
   step "bench $op" "$limit" "$OUT/bench_$op.log" \
     "$PYTHON" benchmarks/compare.py --op "$op" --device cuda --preset gpu --out "$OUT"
 done

@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import torch
 
-from elva_kernels import _dispatch, _library, _validate
+from elva_kernels import _dispatch, _library, _split_select, _validate
 from elva_kernels.reference.mine_hard_negatives import mine_hard_negatives as reference_mine_hard_negatives
 
 OP = "mine_hard_negatives"
 
-_dispatch.register(OP, [_dispatch.Backend("torch", OP, devices=("cpu", "cuda"))])
+_dispatch.register(
+    OP,
+    [
+        _dispatch.Backend("triton", OP, devices=("cuda", "cpu"), limits=_split_select.limits),
+        _dispatch.Backend("cuda", OP, devices=("cuda",), limits=_split_select.limits),
+        _dispatch.Backend("torch", OP, devices=("cpu", "cuda")),
+    ],
+)
 
 
 def mine_hard_negatives(
@@ -48,6 +55,14 @@ def mine_hard_negatives(
         hard = top n_hard of s over eligible
         random = n_random ids of eligible - hard, chosen uniformly
     """
+    positives, max_score, device = check_arguments(query_emb, pool_emb, positives, n_hard, n_random, max_score, seed)
+    call = _dispatch.Call(device, query_emb.dtype, {"query_emb": tuple(query_emb.shape), "pool_emb": tuple(pool_emb.shape)})
+    chosen = _dispatch.select(OP, backend, call)
+    return chosen.handle(query_emb.detach(), pool_emb.detach(), positives, n_hard, n_random, max_score, seed)
+
+
+def check_arguments(query_emb, pool_emb, positives, n_hard, n_random, max_score, seed):
+    """The SPEC's metadata checks; returns (positives as [B, m], max_score as fp32 [B] or None, device)."""
     _validate.tensor("query_emb", query_emb, ndim=2, form="[B, d]")
     form_pool = "[N, d] with query_emb's d"
     _validate.tensor("pool_emb", pool_emb, ndim=2, form=form_pool)
@@ -62,12 +77,11 @@ def mine_hard_negatives(
     _validate.int_in_range("seed", seed, 0)
     device = _validate.same_device(query_emb=query_emb, pool_emb=pool_emb, positives=positives)
     max_score = _validate.per_query_float("max_score", max_score, num_queries, device)
-    call = _dispatch.Call(device, query_emb.dtype, {"query_emb": tuple(query_emb.shape), "pool_emb": tuple(pool_emb.shape)})
-    chosen = _dispatch.select(OP, backend, call)
-    return chosen.handle(query_emb.detach(), pool_emb.detach(), positives, n_hard, n_random, max_score, seed)
+    return positives, max_score, device
 
 
 torch.library.impl(_library.qualname(OP, "torch"), "CompositeExplicitAutograd")(reference_mine_hard_negatives)
+_split_select.register(OP, _split_select.mine_hard_negatives, check_arguments)
 
 
 def _fake(query_emb, pool_emb, positives, n_hard, n_random, max_score, seed):

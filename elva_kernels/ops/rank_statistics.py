@@ -6,13 +6,19 @@ from typing import NamedTuple
 
 import torch
 
-from elva_kernels import _dispatch, _library, _validate
+from elva_kernels import _dispatch, _library, _split_select, _validate
 from elva_kernels.reference.rank_statistics import rank_statistics as reference_rank_statistics
 
 OP = "rank_statistics"
 
 _dispatch.register(
-    OP, [_dispatch.Backend("cpu", OP, devices=("cpu",)), _dispatch.Backend("torch", OP, devices=("cpu", "cuda"))]
+    OP,
+    [
+        _dispatch.Backend("triton", OP, devices=("cuda", "cpu"), limits=_split_select.limits),
+        _dispatch.Backend("cuda", OP, devices=("cuda",), limits=_split_select.limits),
+        _dispatch.Backend("cpu", OP, devices=("cpu",)),
+        _dispatch.Backend("torch", OP, devices=("cpu", "cuda")),
+    ],
 )
 
 
@@ -63,21 +69,11 @@ def rank_statistics(
         p = best positive per row; neg = not positive and not excluded
         rank = 1 + ((s > s_p) | (s == s_p) & (id < p))[neg].sum(1)
     """
-    _validate.tensor("queries", queries, ndim=2, form="[B, d]")
-    form_c = "[N, d] with the queries' d"
-    _validate.tensor("candidates", candidates, ndim=2, form=form_c)
-    _validate.dim_matches("candidates", candidates, 1, queries.shape[1], "d", form_c)
-    _validate.same_float_dtype(queries=queries, candidates=candidates)
-    _validate.choice("metric", metric, ("cosine", "dot"))
-    num_queries = queries.shape[0]
-    positives = _validate.id_matrix("positives", positives, num_queries, allow_1d=True, form="int64 [B] or [B, m]")
-    if exclude is not None:
-        exclude = _validate.id_matrix("exclude", exclude, num_queries, allow_1d=False, form="int64 [B, m]")
+    positives, exclude, device = check_arguments(queries, candidates, positives, metric, exclude)
     if isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence) or len(ks) == 0:
         raise TypeError(f"ks must be a non-empty sequence of ints >= 1; got {ks!r}")
     for cutoff in ks:
         _validate.int_in_range("ks", cutoff, 1)
-    device = _validate.same_device(queries=queries, candidates=candidates, positives=positives, exclude=exclude)
     call = _dispatch.Call(device, queries.dtype, {"queries": tuple(queries.shape), "candidates": tuple(candidates.shape)})
     chosen = _dispatch.select(OP, backend, call)
     rank, pos_score, max_neg_score = chosen.handle(queries.detach(), candidates.detach(), positives, metric, exclude)
@@ -92,7 +88,24 @@ def rank_statistics(
     )
 
 
+def check_arguments(queries, candidates, positives, metric, exclude):
+    """The SPEC's metadata checks; returns (positives as [B, m], exclude, device)."""
+    _validate.tensor("queries", queries, ndim=2, form="[B, d]")
+    form_c = "[N, d] with the queries' d"
+    _validate.tensor("candidates", candidates, ndim=2, form=form_c)
+    _validate.dim_matches("candidates", candidates, 1, queries.shape[1], "d", form_c)
+    _validate.same_float_dtype(queries=queries, candidates=candidates)
+    _validate.choice("metric", metric, ("cosine", "dot"))
+    num_queries = queries.shape[0]
+    positives = _validate.id_matrix("positives", positives, num_queries, allow_1d=True, form="int64 [B] or [B, m]")
+    if exclude is not None:
+        exclude = _validate.id_matrix("exclude", exclude, num_queries, allow_1d=False, form="int64 [B, m]")
+    device = _validate.same_device(queries=queries, candidates=candidates, positives=positives, exclude=exclude)
+    return positives, exclude, device
+
+
 torch.library.impl(_library.qualname(OP, "torch"), "CompositeExplicitAutograd")(reference_rank_statistics)
+_split_select.register(OP, _split_select.rank_statistics, check_arguments)
 
 
 def _fake(queries, candidates, positives, metric, exclude):

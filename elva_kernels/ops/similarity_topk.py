@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from elva_kernels import _dispatch, _library, _validate
+from elva_kernels import _dispatch, _library, _split_select, _validate
 from elva_kernels.reference import _common
 from elva_kernels.reference.similarity_topk import similarity_topk as reference_similarity_topk
 
@@ -12,6 +12,8 @@ OP = "similarity_topk"
 _dispatch.register(
     OP,
     [
+        _dispatch.Backend("triton", OP, devices=("cuda", "cpu"), max_k=4096, limits=_split_select.limits),
+        _dispatch.Backend("cuda", OP, devices=("cuda",), max_k=4096, limits=_split_select.limits),
         _dispatch.Backend("cpu", OP, devices=("cpu",)),
         _dispatch.Backend("torch", OP, devices=("cpu", "cuda")),
     ],
@@ -59,6 +61,16 @@ def similarity_topk(
     Example:
         >>> values, indices = similarity_topk(torch.randn(4, 8), torch.randn(100, 8), k=5)
     """
+    exclude, max_score, device = check_arguments(queries, candidates, k, metric, exclude, max_score)
+    call = _dispatch.Call(
+        device, queries.dtype, {"queries": tuple(queries.shape), "candidates": tuple(candidates.shape)}, k=k
+    )
+    chosen = _dispatch.select(OP, backend, call)
+    return chosen.handle(queries, candidates, k, metric, exclude, max_score)
+
+
+def check_arguments(queries, candidates, k, metric, exclude, max_score):
+    """The SPEC's metadata checks; returns (exclude, max_score as fp32 [B] or None, device)."""
     form_q, form_c = "[B, d]", "[N, d] with the queries' d"
     _validate.tensor("queries", queries, ndim=2, form=form_q)
     _validate.tensor("candidates", candidates, ndim=2, form=form_c)
@@ -70,14 +82,11 @@ def similarity_topk(
         exclude = _validate.id_matrix("exclude", exclude, queries.shape[0], allow_1d=False, form="int64 [B, m]")
     device = _validate.same_device(queries=queries, candidates=candidates, exclude=exclude)
     max_score = _validate.per_query_float("max_score", max_score, queries.shape[0], device)
-    call = _dispatch.Call(
-        device, queries.dtype, {"queries": tuple(queries.shape), "candidates": tuple(candidates.shape)}, k=k
-    )
-    chosen = _dispatch.select(OP, backend, call)
-    return chosen.handle(queries, candidates, k, metric, exclude, max_score)
+    return exclude, max_score, device
 
 
 torch.library.impl(_library.qualname(OP, "torch"), "CompositeExplicitAutograd")(reference_similarity_topk)
+_split_select.register(OP, _split_select.similarity_topk, check_arguments)
 
 
 def _fake(queries, candidates, k, metric, exclude, max_score):

@@ -11,9 +11,16 @@ from tests.ops import naive
 OP = "rank_statistics"
 
 
-def cpu_op():
-    backend_or_skip(OP, "cpu", "cpu", torch.float32)
-    return torch.ops.elva.rank_statistics_cpu
+# Fast backends on CPU tensors: the C++/OpenMP kernels, and the Triton kernels under the interpreter.
+# tests/ops/test_fast_backends_gpu.py runs the Triton and CUDA kernels on a GPU.
+FAST = ["cpu", "triton"]
+# The interpreter runs a few hundred times slower than the compiled kernels: fewer random cases.
+CASES = {"cpu": 25, "triton": 8}
+
+
+def fast_op(backend="cpu"):
+    backend_or_skip(OP, backend, "cpu", torch.float32)
+    return getattr(torch.ops.elva, f"{OP}_{backend}")
 
 
 def random_positives(gen, rows, pool, *, width):
@@ -79,20 +86,24 @@ def compare(actual, expected, case, dtype):
     assert torch.equal(actual.rank[slack == 0], expected.rank[slack == 0])
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("metric", ["cosine", "dot"])
-def test_cpu_matches_reference(metric):
-    cpu_op()
-    check_backend_against_reference(OP, "cpu", lambda g, dt: make_case(g, dt, metric), run, compare, cases=25)
+def test_matches_reference(backend, metric):
+    fast_op(backend)
+    check_backend_against_reference(
+        OP, backend, lambda g, dt: make_case(g, dt, metric), run, compare, cases=CASES[backend]
+    )
 
 
 def test_cpu_matches_reference_several_blocks():
-    cpu_op()
+    fast_op("cpu")
     check_backend_against_reference(OP, "cpu", lambda g, dt: make_case(g, dt, big=True), run, compare, cases=5, seed=3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cpu_duplicates_of_the_positive(dtype):
-    op = cpu_op()
+@pytest.mark.parametrize("backend", FAST)
+def test_duplicates_of_the_positive(backend, dtype):
+    op = fast_op(backend)
     base = torch.randn(6, 16)
     candidates = torch.cat([base, base, base]).to(dtype)  # ids i, i + 6, i + 12 hold the same vector
     q = base[:3].to(dtype)
@@ -110,15 +121,17 @@ def test_cpu_duplicates_of_the_positive(dtype):
     assert rank.tolist() == [1, 2, 1]
 
 
-def test_cpu_all_equal_scores():
-    op = cpu_op()
+@pytest.mark.parametrize("backend", FAST)
+def test_all_equal_scores(backend):
+    op = fast_op(backend)
     rank, pos, neg = op(torch.ones(3, 4), torch.ones(2000, 4), torch.tensor([[0], [999], [1999]]), "cosine", None)
     assert rank.tolist() == [1, 1000, 2000]
     assert torch.equal(pos, neg)
 
 
-def test_cpu_recall_equals_similarity_topk_cpu():
-    cpu_op()
+@pytest.mark.parametrize("backend", FAST)
+def test_recall_equals_similarity_topk(backend):
+    fast_op(backend)
     gen = torch.Generator().manual_seed(8)
     for metric in ("cosine", "dot"):
         for _ in range(12):
@@ -128,8 +141,8 @@ def test_cpu_recall_equals_similarity_topk_cpu():
             positives = random_positives(gen, rows, pool, width=3)
             candidates[torch.randint(0, pool, (rows,), generator=gen)] = candidates[positives[:, 0]]
             ks = (1, 2, 5, 10, pool)
-            stats = rank_statistics(queries, candidates, positives, metric=metric, ks=ks, backend="cpu")
-            _, top = similarity_topk(queries, candidates, pool, metric=metric, backend="cpu")
+            stats = rank_statistics(queries, candidates, positives, metric=metric, ks=ks, backend=backend)
+            _, top = similarity_topk(queries, candidates, pool, metric=metric, backend=backend)
             for row in range(rows):
                 pos = {p for p in positives[row].tolist() if p >= 0}
                 order = top[row].tolist()
@@ -140,8 +153,9 @@ def test_cpu_recall_equals_similarity_topk_cpu():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_cpu_non_finite_raises(bad):
-    op = cpu_op()
+@pytest.mark.parametrize("backend", FAST)
+def test_non_finite_raises(backend, bad):
+    op = fast_op(backend)
     q, c = torch.randn(4, 8), torch.randn(2000, 8)
     p = torch.tensor([[0], [1], [2], [3]])
     q_bad, c_bad = q.clone(), c.clone()
@@ -153,19 +167,20 @@ def test_cpu_non_finite_raises(bad):
     with pytest.raises(ValueError, match="candidates must contain only finite values"):
         op(q, c_bad, torch.tensor([[1500]] * 4), "dot", None)  # the positive itself
     with pytest.raises(ValueError, match="candidates must contain only finite values"):
-        rank_statistics(q.half(), c_bad.half(), p, backend="cpu")
+        rank_statistics(q.half(), c_bad.half(), p, backend=backend)
     with pytest.raises(ValueError, match="candidates must contain only finite values"):
         op(q.bfloat16(), c_bad.bfloat16(), p, "cosine", None)
 
 
-def test_cpu_bad_arguments_raise():
-    op = cpu_op()
+@pytest.mark.parametrize("backend", FAST)
+def test_bad_arguments_raise(backend):
+    op = fast_op(backend)
     q, c = torch.randn(4, 8), torch.randn(30, 8)
     p = torch.tensor([[0], [1], [2], [3]])
     with pytest.raises(ValueError, match="positives must list at least one candidate id per query; row 2 has none"):
         op(q, c, torch.tensor([[0], [1], [-1], [3]]), "cosine", None)
     with pytest.raises(ValueError, match="positives must list at least one"):
-        rank_statistics(q, c, torch.tensor([0, 1, -1, 3]), backend="cpu")
+        rank_statistics(q, c, torch.tensor([0, 1, -1, 3]), backend=backend)
     with pytest.raises(ValueError, match="positives holds ids outside"):
         op(q, c, torch.tensor([[0], [30], [2], [3]]), "cosine", None)
     with pytest.raises(ValueError, match="positives"):
@@ -173,7 +188,7 @@ def test_cpu_bad_arguments_raise():
     with pytest.raises(ValueError, match="exclude holds ids outside"):
         op(q, c, p, "cosine", torch.tensor([[0, 30]] * 4))
     with pytest.raises(ValueError, match="exclude"):
-        rank_statistics(q, c, p, exclude=torch.tensor([[0, 30]] * 4), backend="cpu")
+        rank_statistics(q, c, p, exclude=torch.tensor([[0, 30]] * 4), backend=backend)
     with pytest.raises(ValueError, match="metric"):
         op(q, c, p, "l2", None)
     with pytest.raises(ValueError, match="candidates"):
@@ -186,8 +201,9 @@ def test_cpu_bad_arguments_raise():
         op(q, c, p.int(), "cosine", None)
 
 
-def test_cpu_strided_inputs():
-    op = cpu_op()
+@pytest.mark.parametrize("backend", FAST)
+def test_strided_inputs(backend):
+    op = fast_op(backend)
     q, c = torch.randn(6, 20), torch.randn(100, 40)
     p = torch.randint(0, 100, (6, 2))
     expected = op(q, c[:, ::2].contiguous(), p, "cosine", None)
@@ -198,8 +214,9 @@ def test_cpu_strided_inputs():
     assert all(torch.equal(a, b) for a, b in zip(actual, expected))
 
 
-def test_cpu_opcheck():
-    cpu_op()
+@pytest.mark.parametrize("backend", FAST)
+def test_opcheck(backend):
+    fast_op(backend)
     q, c = torch.randn(4, 8), torch.randn(30, 8)
     positives = torch.tensor([[1, -1], [2, 3], [0, 0], [29, -1]])
     op = torch.ops.elva.rank_statistics_cpu.default
@@ -213,7 +230,7 @@ def test_cpu_opcheck():
 def test_cpu_positives_near_the_top(metric):
     """Trained-like data (each query close to its positive): few near-ties, so the bf16 screening (where the CPU has
     it) serves the whole pass; results must still match the reference and similarity_topk's CPU backend."""
-    cpu_op()
+    fast_op("cpu")
     gen = torch.Generator().manual_seed(21)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         candidates = torch.randn(4000, 96, generator=gen)

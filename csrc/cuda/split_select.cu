@@ -1,0 +1,762 @@
+// Per-split selection kernels (split_topk, pair_scores, split_rank_counts); contract in
+// elva_kernels/_split_select.py. No ATen headers, so that plain nvcc (CMake, CI without a GPU) compiles it.
+//
+// Layout of the two split kernels: a CTA of 256 threads (8 warps) takes one work item = 64 query rows x one
+// split, and walks the split in tiles of 64 candidates. Per tile, all 256 threads compute the 64 x 64 score
+// tile into shared memory (score_tile: fp32 FMAs for fp32, wmma 16x16x16 with fp32 accumulators for fp16/bf16,
+// k in chunks staged through shared memory); then warp w owns query rows 8w..8w+7 of the item and scans the
+// tile row by row, lane l taking candidates l and l + 32. split_topk keeps each row's list (list_size keys) in
+// shared memory with its current minimum; a key that beats the minimum replaces it and the warp recomputes
+// the minimum. split_rank_counts keeps a count and a maximum per row.
+//
+// Bitwise agreement of the three kernels: every score is (acc * query_scale[i]) * candidate_scale[j] with
+// __fmul_rn (never contracted), and acc comes from the same sequence of operations wherever (i, j) sits:
+//   fp32: acc = fmaf(q[k], c[k], acc) for k = 0, 1, ..., ceil(d / 32) * 32 - 1 (zeros past d), then acc + 0.0f;
+//   fp16/bf16: one accumulator fragment, mma_sync over 16-wide k slices 0, 16, ..., ceil(d / 64) * 64 - 16
+//   (zeros past d), fragments m16n16k16 row_major A (queries) / col_major B (candidates), ldm 72.
+// pair_scores runs these same sequences on gathered rows (the tensor-core path reads the diagonal of a
+// 16 x 16 tile of 16 gathered pairs).
+#include "elva/cuda/split_select.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+namespace elva {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Split kernels: 64 x 64 tiles, 256 threads.
+constexpr int kTile = 64;
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kRowsPerWarp = kTile / kWarps;  // 8
+constexpr int kScoreLd = kTile + 4;           // floats; a multiple of 4 for wmma::store_matrix_sync
+
+// fp32 chunks: 32 k values, stored k-major [kChunkF32][kF32Ld] (ld 65: conflict-free transposed stores).
+constexpr int kChunkF32 = 32;
+constexpr int kF32Ld = kTile + 1;
+// fp16/bf16 chunks: 64 k values, stored row-major [rows][kHalfLd] (ld 72: a multiple of 8 elements, rows
+// 144 bytes apart, so 16-byte stores and 32-byte aligned fragment pointers).
+constexpr int kChunkHalf = 64;
+constexpr int kHalfLd = kChunkHalf + 8;
+
+constexpr size_t kGemmBytes = std::max(sizeof(float) * 2 * kChunkF32 * kF32Ld, sizeof(uint16_t) * 2 * kTile * kHalfLd);
+constexpr size_t kScoreBytes = sizeof(float) * kTile * kScoreLd;
+
+constexpr int64_t kMinKey = std::numeric_limits<int64_t>::min();
+constexpr int64_t kMaxKey = std::numeric_limits<int64_t>::max();
+constexpr int64_t kTwo32 = int64_t{1} << 32;
+constexpr int64_t kTwo31 = int64_t{1} << 31;
+
+// Per-row state of a work item, in shared memory.
+struct RowState {
+  int64_t key[kTile];    // split_topk: the list's minimum; split_rank_counts: the largest negative key
+  int64_t bound[kTile];  // split_topk: upper[i, s]; split_rank_counts: pos_keys[i]
+  int64_t count[kTile];  // split_rank_counts: negatives ahead
+  float query_scale[kTile];
+  float max_score[kTile];
+  uint32_t hash[kTile];  // key_mode 1: the hash of (seed, i)
+  int32_t slot[kTile];   // split_topk: where the list's minimum sits
+};
+
+constexpr size_t kFixedBytes = kGemmBytes + kScoreBytes + sizeof(RowState);
+static_assert(kGemmBytes % 16 == 0 && kScoreBytes % 16 == 0 && sizeof(RowState) % 16 == 0, "smem alignment");
+
+__host__ __device__ __forceinline__ int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// ---------------------------------------------------------------------------------------------------------
+// Keys.
+
+__device__ __forceinline__ int64_t low_word(int64_t j) {
+  return static_cast<int64_t>(0xFFFFFFFFu - static_cast<uint32_t>(j));
+}
+
+__device__ __forceinline__ int64_t score_key(float score, int64_t j) {
+  const int bits = __float_as_int(__fadd_rn(score, 0.0f));  // -0.0 -> +0.0
+  const int orderable = bits < 0 ? (bits ^ 0x7FFFFFFF) : bits;
+  return static_cast<int64_t>(orderable) * kTwo32 + low_word(j);
+}
+
+__device__ __forceinline__ uint32_t mix32(uint32_t x) {
+  x = (x ^ (x >> 16)) * 0x45D9F3Bu;
+  x = (x ^ (x >> 16)) * 0x45D9F3Bu;
+  return x ^ (x >> 16);
+}
+
+// reference.mine_hard_negatives.random_keys, up to its last two rounds (which depend on j).
+__device__ __forceinline__ uint32_t row_hash(int64_t seed, int64_t row) {
+  return mix32(mix32(static_cast<uint32_t>(seed)) ^ static_cast<uint32_t>(row));
+}
+
+__device__ __forceinline__ int64_t hash_key(uint32_t row_h, int64_t j) {
+  uint32_t h = mix32(row_h ^ static_cast<uint32_t>(j));
+  h = mix32(h ^ static_cast<uint32_t>(j >> 32));
+  return (static_cast<int64_t>(0xFFFFFFFFu - h) - kTwo31) * kTwo32 + low_word(j);
+}
+
+__device__ __forceinline__ float scaled_score(float acc, float query_scale, float candidate_scale) {
+  return __fmul_rn(__fmul_rn(acc, query_scale), candidate_scale);
+}
+
+__device__ __forceinline__ bool listed(const int64_t* __restrict__ ids, int64_t count, int64_t j) {
+  for (int64_t t = 0; t < count; ++t) {
+    if (ids[t] == j) return true;
+  }
+  return false;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Score tiles: acc[r][c] for query rows q[0, q_rows) and candidate rows c[0, c_rows) (row pointers of the
+// first row; rows past the counts read as zero), written to scores[r * kScoreLd + c]. Called by all 256
+// threads of the CTA; begins and ends with a barrier.
+
+// fp32: rows x kChunkF32 from src (row-major, unit stride along k) into dst[k][row].
+template <bool kVec>
+__device__ __forceinline__ void load_chunk_f32(const float* __restrict__ src, int64_t stride, int rows, int64_t d,
+                                               int64_t k0, float* __restrict__ dst) {
+  if constexpr (kVec) {
+    constexpr int kPerRow = kChunkF32 / 4;
+    for (int idx = threadIdx.x; idx < kTile * kPerRow; idx += kThreads) {
+      const int row = idx / kPerRow, v = idx % kPerRow;
+      const int64_t k = k0 + 4 * v;
+      float4 value = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (row < rows && k < d) value = *reinterpret_cast<const float4*>(src + row * stride + k);  // d % 4 == 0
+      dst[(4 * v + 0) * kF32Ld + row] = value.x;
+      dst[(4 * v + 1) * kF32Ld + row] = value.y;
+      dst[(4 * v + 2) * kF32Ld + row] = value.z;
+      dst[(4 * v + 3) * kF32Ld + row] = value.w;
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < kTile * kChunkF32; idx += kThreads) {
+      const int row = idx / kChunkF32, kk = idx % kChunkF32;
+      const int64_t k = k0 + kk;
+      dst[kk * kF32Ld + row] = (row < rows && k < d) ? src[row * stride + k] : 0.0f;
+    }
+  }
+}
+
+template <bool kVec>
+__device__ void score_tile_f32(const float* __restrict__ q, int64_t q_stride, int q_rows,
+                               const float* __restrict__ c, int64_t c_stride, int c_rows, int64_t d,
+                               unsigned char* gemm, float* __restrict__ scores) {
+  float* qs = reinterpret_cast<float*>(gemm);
+  float* cs = qs + kChunkF32 * kF32Ld;
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;  // rows ty + 16a, columns tx + 16b
+  float acc[4][4];
+#pragma unroll
+  for (int a = 0; a < 4; ++a) {
+#pragma unroll
+    for (int b = 0; b < 4; ++b) acc[a][b] = 0.0f;
+  }
+  __syncthreads();
+  for (int64_t k0 = 0; k0 < d; k0 += kChunkF32) {
+    load_chunk_f32<kVec>(q, q_stride, q_rows, d, k0, qs);
+    load_chunk_f32<kVec>(c, c_stride, c_rows, d, k0, cs);
+    __syncthreads();
+#pragma unroll 8
+    for (int kk = 0; kk < kChunkF32; ++kk) {
+      float qv[4], cv[4];
+#pragma unroll
+      for (int a = 0; a < 4; ++a) qv[a] = qs[kk * kF32Ld + ty + 16 * a];
+#pragma unroll
+      for (int b = 0; b < 4; ++b) cv[b] = cs[kk * kF32Ld + tx + 16 * b];
+#pragma unroll
+      for (int a = 0; a < 4; ++a) {
+#pragma unroll
+        for (int b = 0; b < 4; ++b) acc[a][b] = fmaf(qv[a], cv[b], acc[a][b]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int a = 0; a < 4; ++a) {
+#pragma unroll
+    for (int b = 0; b < 4; ++b) scores[(ty + 16 * a) * kScoreLd + tx + 16 * b] = __fadd_rn(acc[a][b], 0.0f);
+  }
+  __syncthreads();
+}
+
+// fp16/bf16 (raw 16-bit words): rows x kChunkHalf from src into dst[row][k] (ld kHalfLd).
+template <bool kVec>
+__device__ __forceinline__ void load_chunk_half(const uint16_t* __restrict__ src, int64_t stride, int rows,
+                                                int64_t d, int64_t k0, uint16_t* __restrict__ dst) {
+  if constexpr (kVec) {
+    constexpr int kPerRow = kChunkHalf / 8;
+    for (int idx = threadIdx.x; idx < kTile * kPerRow; idx += kThreads) {
+      const int row = idx / kPerRow, v = idx % kPerRow;
+      const int64_t k = k0 + 8 * v;
+      uint4 value = make_uint4(0u, 0u, 0u, 0u);
+      if (row < rows && k < d) value = *reinterpret_cast<const uint4*>(src + row * stride + k);  // d % 8 == 0
+      *reinterpret_cast<uint4*>(dst + row * kHalfLd + 8 * v) = value;
+    }
+  } else {
+#pragma unroll 4
+    for (int idx = threadIdx.x; idx < kTile * kChunkHalf; idx += kThreads) {
+      const int row = idx / kChunkHalf, kk = idx % kChunkHalf;
+      const int64_t k = k0 + kk;
+      dst[row * kHalfLd + kk] = (row < rows && k < d) ? src[row * stride + k] : uint16_t{0};
+    }
+  }
+}
+
+template <typename T>
+using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major>;
+template <typename T>
+using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major>;
+using FragAcc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+
+// One 16-wide k slice: acc += A[16 x 16] * B[16 x 16]^T, A and B 16 rows of 16-bit values at ld kHalfLd.
+template <typename T>
+__device__ __forceinline__ void mma_slice(const uint16_t* a_rows, const uint16_t* b_rows, FragAcc& acc) {
+  FragA<T> a;
+  FragB<T> b;
+  nvcuda::wmma::load_matrix_sync(a, reinterpret_cast<const T*>(a_rows), kHalfLd);
+  nvcuda::wmma::load_matrix_sync(b, reinterpret_cast<const T*>(b_rows), kHalfLd);
+  nvcuda::wmma::mma_sync(acc, a, b, acc);
+}
+
+template <typename T, bool kVec>
+__device__ void score_tile_half(const uint16_t* __restrict__ q, int64_t q_stride, int q_rows,
+                                const uint16_t* __restrict__ c, int64_t c_stride, int c_rows, int64_t d,
+                                unsigned char* gemm, float* __restrict__ scores) {
+  uint16_t* qs = reinterpret_cast<uint16_t*>(gemm);
+  uint16_t* cs = qs + kTile * kHalfLd;
+  const int warp = threadIdx.x / kWarpSize;
+  const int qf = warp / 2, cf0 = (warp % 2) * 2;  // 4 x 4 fragments: warp w takes (w / 2, 2 (w % 2) + {0, 1})
+  FragAcc acc[2];
+  nvcuda::wmma::fill_fragment(acc[0], 0.0f);
+  nvcuda::wmma::fill_fragment(acc[1], 0.0f);
+  __syncthreads();
+  for (int64_t k0 = 0; k0 < d; k0 += kChunkHalf) {
+    load_chunk_half<kVec>(q, q_stride, q_rows, d, k0, qs);
+    load_chunk_half<kVec>(c, c_stride, c_rows, d, k0, cs);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kChunkHalf / 16; ++kk) {
+      FragA<T> a;
+      nvcuda::wmma::load_matrix_sync(a, reinterpret_cast<const T*>(qs + qf * 16 * kHalfLd + kk * 16), kHalfLd);
+#pragma unroll
+      for (int b = 0; b < 2; ++b) {
+        FragB<T> bf;
+        nvcuda::wmma::load_matrix_sync(bf, reinterpret_cast<const T*>(cs + (cf0 + b) * 16 * kHalfLd + kk * 16),
+                                       kHalfLd);
+        nvcuda::wmma::mma_sync(acc[b], a, bf, acc[b]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int b = 0; b < 2; ++b) {
+    nvcuda::wmma::store_matrix_sync(scores + qf * 16 * kScoreLd + (cf0 + b) * 16, acc[b], kScoreLd,
+                                    nvcuda::wmma::mem_row_major);
+  }
+  __syncthreads();
+}
+
+template <typename T, bool kVec>
+__device__ __forceinline__ void score_tile(const void* queries, int64_t q_stride, int64_t row0, int q_rows,
+                                           const void* candidates, int64_t c_stride, int64_t c0, int c_rows,
+                                           int64_t d, unsigned char* gemm, float* scores) {
+  if constexpr (std::is_same_v<T, float>) {
+    score_tile_f32<kVec>(static_cast<const float*>(queries) + row0 * q_stride, q_stride, q_rows,
+                         static_cast<const float*>(candidates) + c0 * c_stride, c_stride, c_rows, d, gemm, scores);
+  } else {
+    score_tile_half<T, kVec>(static_cast<const uint16_t*>(queries) + row0 * q_stride, q_stride, q_rows,
+                             static_cast<const uint16_t*>(candidates) + c0 * c_stride, c_stride, c_rows, d, gemm,
+                             scores);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// split_topk
+
+struct TopkParams {
+  ScorePool pool;
+  const int64_t* exclude;
+  int64_t exclude_cols;
+  const float* max_score;
+  const int64_t* upper;
+  int64_t num_splits, split_size;
+  int list_size;
+  int key_mode;
+  int64_t seed;
+  bool compute_scores;
+  int64_t* keys;
+  int32_t* nonfinite;
+};
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads, 2) split_topk_kernel(const TopkParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* gemm = smem;
+  float* scores = reinterpret_cast<float*>(smem + kGemmBytes);
+  RowState& rs = *reinterpret_cast<RowState*>(smem + kGemmBytes + kScoreBytes);
+  int64_t* lists = reinterpret_cast<int64_t*>(smem + kFixedBytes);
+
+  const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
+  const int L = p.list_size;
+  const int64_t B = p.pool.B, N = p.pool.N, S = p.num_splits;
+  const int64_t query_blocks = (B + kTile - 1) / kTile;
+  const bool has_max = p.max_score != nullptr;
+  bool nonfinite = false;
+
+  for (int64_t item = blockIdx.x; item < query_blocks * S; item += gridDim.x) {
+    // Consecutive items share the split, so CTAs running together reuse its candidates from L2.
+    const int64_t row0 = (item % query_blocks) * kTile;
+    const int64_t s = item / query_blocks;
+    const int rows = static_cast<int>(min_i64(kTile, B - row0));
+    const int64_t c_begin = s * p.split_size;
+    const int64_t c_end = min_i64(N, c_begin + p.split_size);
+
+    __syncthreads();  // the previous item's lists and row state have been written out
+    if (tid < kTile) {
+      const bool valid = tid < rows;
+      const int64_t i = row0 + tid;
+      rs.bound[tid] = valid ? p.upper[i * S + s] : kMinKey;
+      rs.key[tid] = kMinKey + 1;  // the smallest empty-slot key, in slot 0
+      rs.slot[tid] = 0;
+      rs.query_scale[tid] = valid ? p.pool.query_scale[i] : 0.0f;
+      rs.max_score[tid] = (valid && has_max) ? p.max_score[i] : 0.0f;
+      rs.hash[tid] = row_hash(p.seed, i);
+    }
+    for (int idx = tid; idx < kTile * L; idx += kThreads) lists[idx] = kMinKey + 1 + (idx & (L - 1));
+    const bool active = __syncthreads_or(tid < kTile && rs.bound[tid] != kMinKey);
+
+    if (active) {
+      for (int64_t c0 = c_begin; c0 < c_end; c0 += kTile) {
+        const int c_rows = static_cast<int>(min_i64(kTile, c_end - c0));
+        if (p.compute_scores) {
+          score_tile<T, kVec>(p.pool.queries, p.pool.query_stride, row0, rows, p.pool.candidates,
+                              p.pool.candidate_stride, c0, c_rows, p.pool.d, gemm, scores);
+        }
+        for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+          const int r = warp * kRowsPerWarp + rr;
+          if (r >= rows) break;  // warp-uniform
+          const int64_t upper = rs.bound[r];
+          if (upper == kMinKey) continue;  // warp-uniform: nothing of this row is asked for
+          const int64_t i = row0 + r;
+          const float query_scale = rs.query_scale[r], max_score = rs.max_score[r];
+          const uint32_t h = rs.hash[r];
+          const int64_t* exclude_row = p.exclude != nullptr ? p.exclude + i * p.exclude_cols : nullptr;
+          int64_t* list = lists + r * L;
+          int64_t minimum = rs.key[r];
+          int slot = rs.slot[r];
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int col = lane + kWarpSize * half;
+            int64_t key = kMinKey;
+            bool hit = false;
+            if (col < c_rows) {
+              const int64_t j = c0 + col;
+              float score = 0.0f;
+              if (p.compute_scores) {
+                score = scaled_score(scores[r * kScoreLd + col], query_scale, p.pool.candidate_scale[j]);
+                if (!isfinite(score)) nonfinite = true;
+              }
+              key = p.key_mode == 0 ? score_key(score, j) : hash_key(h, j);
+              hit = key > minimum && key < upper && (!has_max || score <= max_score) &&
+                    !listed(exclude_row, p.exclude_cols, j);
+            }
+            // Insert the hits one at a time: each replaces the current minimum, which then moves up.
+            unsigned pending = __ballot_sync(kFullMask, hit);
+            while (pending != 0) {
+              const int source = __ffs(pending) - 1;
+              pending &= pending - 1;
+              const long long candidate = __shfl_sync(kFullMask, static_cast<long long>(key), source);
+              if (candidate > minimum) {  // warp-uniform
+                if (lane == 0) list[slot] = candidate;
+                __syncwarp();
+                long long best = kMaxKey;
+                int best_slot = L;
+                for (int t = lane; t < L; t += kWarpSize) {
+                  const long long v = list[t];
+                  if (v < best) {
+                    best = v;
+                    best_slot = t;
+                  }
+                }
+#pragma unroll
+                for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+                  const long long other = __shfl_xor_sync(kFullMask, best, offset);
+                  const int other_slot = __shfl_xor_sync(kFullMask, best_slot, offset);
+                  if (other < best || (other == best && other_slot < best_slot)) {
+                    best = other;
+                    best_slot = other_slot;
+                  }
+                }
+                minimum = best;
+                slot = best_slot;
+                __syncwarp();
+              }
+            }
+          }
+          if (lane == 0) {
+            rs.key[r] = minimum;
+            rs.slot[r] = slot;
+          }
+          __syncwarp();
+        }
+        __syncthreads();  // the tile's scores are read before the next tile overwrites them
+      }
+    }
+
+    __syncthreads();
+    for (int idx = tid; idx < rows * L; idx += kThreads) {
+      const int r = idx / L, t = idx % L;
+      p.keys[((row0 + r) * S + s) * L + t] = lists[idx];
+    }
+  }
+  if (nonfinite) atomicExch(p.nonfinite, 1);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// split_rank_counts
+
+struct RankParams {
+  ScorePool pool;
+  const int64_t* positives;
+  int64_t positive_cols;
+  const int64_t* exclude;
+  int64_t exclude_cols;
+  const int64_t* pos_keys;
+  int64_t num_splits, split_size;
+  int64_t* ahead;
+  int64_t* max_neg_keys;
+  int32_t* nonfinite;
+};
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) split_rank_counts_kernel(const RankParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* gemm = smem;
+  float* scores = reinterpret_cast<float*>(smem + kGemmBytes);
+  RowState& rs = *reinterpret_cast<RowState*>(smem + kGemmBytes + kScoreBytes);
+
+  const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
+  const int64_t B = p.pool.B, N = p.pool.N, S = p.num_splits;
+  const int64_t query_blocks = (B + kTile - 1) / kTile;
+  bool nonfinite = false;
+
+  for (int64_t item = blockIdx.x; item < query_blocks * S; item += gridDim.x) {
+    const int64_t row0 = (item % query_blocks) * kTile;
+    const int64_t s = item / query_blocks;
+    const int rows = static_cast<int>(min_i64(kTile, B - row0));
+    const int64_t c_begin = s * p.split_size;
+    const int64_t c_end = min_i64(N, c_begin + p.split_size);
+
+    __syncthreads();
+    if (tid < kTile) {
+      const bool valid = tid < rows;
+      const int64_t i = row0 + tid;
+      rs.bound[tid] = valid ? p.pos_keys[i] : kMaxKey;
+      rs.key[tid] = kMinKey;
+      rs.count[tid] = 0;
+      rs.query_scale[tid] = valid ? p.pool.query_scale[i] : 0.0f;
+    }
+    // (score_tile begins with a barrier, which publishes the row state.)
+
+    for (int64_t c0 = c_begin; c0 < c_end; c0 += kTile) {
+      const int c_rows = static_cast<int>(min_i64(kTile, c_end - c0));
+      score_tile<T, kVec>(p.pool.queries, p.pool.query_stride, row0, rows, p.pool.candidates,
+                          p.pool.candidate_stride, c0, c_rows, p.pool.d, gemm, scores);
+      for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+        const int r = warp * kRowsPerWarp + rr;
+        if (r >= rows) break;  // warp-uniform
+        const int64_t i = row0 + r;
+        const int64_t pos_key = rs.bound[r];
+        const float query_scale = rs.query_scale[r];
+        const int64_t* positive_row = p.positives + i * p.positive_cols;
+        const int64_t* exclude_row = p.exclude != nullptr ? p.exclude + i * p.exclude_cols : nullptr;
+        const long long row_max = rs.key[r];
+        long long lane_max = row_max;
+        unsigned lane_ahead = 0;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int col = lane + kWarpSize * half;
+          if (col < c_rows) {
+            const int64_t j = c0 + col;
+            const float score = scaled_score(scores[r * kScoreLd + col], query_scale, p.pool.candidate_scale[j]);
+            if (!isfinite(score)) nonfinite = true;
+            const int64_t key = score_key(score, j);
+            // Membership is checked only for keys that change a result.
+            if ((key > pos_key || key > lane_max) && !listed(positive_row, p.positive_cols, j) &&
+                !listed(exclude_row, p.exclude_cols, j)) {
+              if (key > pos_key) ++lane_ahead;
+              if (key > lane_max) lane_max = key;
+            }
+          }
+        }
+        const unsigned tile_ahead = __reduce_add_sync(kFullMask, lane_ahead);
+        long long new_max = row_max;
+        if (__any_sync(kFullMask, lane_max > row_max)) {
+#pragma unroll
+          for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+            const long long other = __shfl_xor_sync(kFullMask, lane_max, offset);
+            if (other > lane_max) lane_max = other;
+          }
+          new_max = lane_max;
+        }
+        if (lane == 0) {
+          rs.count[r] += tile_ahead;
+          rs.key[r] = new_max;
+        }
+        __syncwarp();
+      }
+      // The next score_tile begins with a barrier: the scores are read before being overwritten.
+    }
+
+    __syncthreads();
+    if (tid < rows) {
+      const int64_t at = (row0 + tid) * S + s;
+      p.ahead[at] = rs.count[tid];
+      p.max_neg_keys[at] = rs.key[tid];
+    }
+  }
+  if (nonfinite) atomicExch(p.nonfinite, 1);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// pair_scores: 4 warps per CTA; a warp scores 32 gathered pairs (fp32) or 16 (fp16/bf16) at a time.
+
+constexpr int kPairWarps = 4;
+constexpr int kPairThreads = kPairWarps * kWarpSize;
+
+struct PairParams {
+  ScorePool pool;
+  const int64_t* ids;
+  int64_t cols;
+  float* out;
+};
+
+__global__ void __launch_bounds__(kPairThreads) pair_scores_f32_kernel(const PairParams p) {
+  __shared__ float q_rows[kPairWarps][kWarpSize * (kChunkF32 + 1)];
+  __shared__ float c_rows[kPairWarps][kWarpSize * (kChunkF32 + 1)];
+  static_assert(kChunkF32 == kWarpSize, "a lane loads one k of a chunk");
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  float* qw = q_rows[warp];
+  float* cw = c_rows[warp];
+  const auto* q = static_cast<const float*>(p.pool.queries);
+  const auto* c = static_cast<const float*>(p.pool.candidates);
+  const int64_t pairs = p.pool.B * p.cols, d = p.pool.d;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kPairWarps * kWarpSize;
+  for (int64_t base = (static_cast<int64_t>(blockIdx.x) * kPairWarps + warp) * kWarpSize; base < pairs;
+       base += step) {
+    const int64_t pair = base + lane;
+    const bool valid = pair < pairs;
+    const long long row = valid ? pair / p.cols : -1;
+    const long long id = valid ? p.ids[pair] : -1;
+    float acc = 0.0f;
+    for (int64_t k0 = 0; k0 < d; k0 += kChunkF32) {
+      const int64_t k = k0 + lane;
+      __syncwarp();
+      for (int r = 0; r < kWarpSize; ++r) {
+        const long long qr = __shfl_sync(kFullMask, row, r);
+        const long long cr = __shfl_sync(kFullMask, id, r);
+        qw[r * (kChunkF32 + 1) + lane] = (qr >= 0 && k < d) ? q[qr * p.pool.query_stride + k] : 0.0f;
+        cw[r * (kChunkF32 + 1) + lane] = (cr >= 0 && k < d) ? c[cr * p.pool.candidate_stride + k] : 0.0f;
+      }
+      __syncwarp();
+#pragma unroll 8
+      for (int kk = 0; kk < kChunkF32; ++kk) {
+        acc = fmaf(qw[lane * (kChunkF32 + 1) + kk], cw[lane * (kChunkF32 + 1) + kk], acc);
+      }
+    }
+    acc = __fadd_rn(acc, 0.0f);
+    if (valid) {
+      p.out[pair] = id < 0 ? -INFINITY
+                           : scaled_score(acc, p.pool.query_scale[row], p.pool.candidate_scale[id]);
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kPairThreads) pair_scores_half_kernel(const PairParams p) {
+  constexpr int kPairs = 16;
+  __shared__ __align__(32) uint16_t a_rows[kPairWarps][kPairs * kHalfLd];
+  __shared__ __align__(32) uint16_t b_rows[kPairWarps][kPairs * kHalfLd];
+  __shared__ __align__(32) float tiles[kPairWarps][kPairs * 20];
+  static_assert(kChunkHalf == 2 * kWarpSize, "a lane loads two k of a chunk");
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  uint16_t* aw = a_rows[warp];
+  uint16_t* bw = b_rows[warp];
+  float* tile = tiles[warp];
+  const auto* q = static_cast<const uint16_t*>(p.pool.queries);
+  const auto* c = static_cast<const uint16_t*>(p.pool.candidates);
+  const int64_t pairs = p.pool.B * p.cols, d = p.pool.d;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kPairWarps * kPairs;
+  for (int64_t base = (static_cast<int64_t>(blockIdx.x) * kPairWarps + warp) * kPairs; base < pairs;
+       base += step) {
+    const int64_t pair = base + lane % kPairs;  // lanes 16..31 mirror lanes 0..15
+    const bool valid = pair < pairs;
+    const long long row = valid ? pair / p.cols : -1;
+    const long long id = valid ? p.ids[pair] : -1;
+    FragAcc acc;
+    nvcuda::wmma::fill_fragment(acc, 0.0f);
+    for (int64_t k0 = 0; k0 < d; k0 += kChunkHalf) {
+      __syncwarp();
+      for (int r = 0; r < kPairs; ++r) {
+        const long long qr = __shfl_sync(kFullMask, row, r);
+        const long long cr = __shfl_sync(kFullMask, id, r);
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int kk = 2 * lane + e;
+          const int64_t k = k0 + kk;
+          aw[r * kHalfLd + kk] = (qr >= 0 && k < d) ? q[qr * p.pool.query_stride + k] : uint16_t{0};
+          bw[r * kHalfLd + kk] = (cr >= 0 && k < d) ? c[cr * p.pool.candidate_stride + k] : uint16_t{0};
+        }
+      }
+      __syncwarp();
+#pragma unroll
+      for (int kk = 0; kk < kChunkHalf / 16; ++kk) mma_slice<T>(aw + kk * 16, bw + kk * 16, acc);
+    }
+    __syncwarp();
+    nvcuda::wmma::store_matrix_sync(tile, acc, 20, nvcuda::wmma::mem_row_major);
+    __syncwarp();
+    if (lane < kPairs && valid) {
+      const float diagonal = tile[lane * 20 + lane];
+      p.out[pair] = id < 0 ? -INFINITY
+                           : scaled_score(diagonal, p.pool.query_scale[row], p.pool.candidate_scale[id]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Launchers
+
+bool is_aligned(const void* pointer, size_t bytes) { return reinterpret_cast<uintptr_t>(pointer) % bytes == 0; }
+
+// 16-byte loads need d, both row strides and both base pointers to fit them.
+bool vector_loads(const ScorePool& pool) {
+  const int64_t vec = pool.dtype == DType::F32 ? 4 : 8;
+  return pool.d % vec == 0 && pool.query_stride % vec == 0 && pool.candidate_stride % vec == 0 &&
+         is_aligned(pool.queries, 16) && is_aligned(pool.candidates, 16);
+}
+
+unsigned split_grid(const ScorePool& pool, int64_t num_splits) {
+  const int64_t items = (pool.B + kTile - 1) / kTile * num_splits;
+  return static_cast<unsigned>(std::min<int64_t>(items, int64_t{1} << 30));
+}
+
+template <typename Kernel, typename Params>
+cudaError_t launch_split(Kernel kernel, const Params& params, unsigned grid, size_t smem_bytes, cudaStream_t stream) {
+  const cudaError_t attribute =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
+  if (attribute != cudaSuccess) return attribute;
+  kernel<<<grid, kThreads, smem_bytes, stream>>>(params);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_topk(const TopkParams& params, unsigned grid, size_t smem, bool vec, cudaStream_t stream) {
+  return vec ? launch_split(split_topk_kernel<T, true>, params, grid, smem, stream)
+             : launch_split(split_topk_kernel<T, false>, params, grid, smem, stream);
+}
+
+template <typename T>
+cudaError_t launch_rank(const RankParams& params, unsigned grid, size_t smem, bool vec, cudaStream_t stream) {
+  return vec ? launch_split(split_rank_counts_kernel<T, true>, params, grid, smem, stream)
+             : launch_split(split_rank_counts_kernel<T, false>, params, grid, smem, stream);
+}
+
+}  // namespace
+
+cudaError_t split_topk_cuda(const ScorePool& pool, const int64_t* exclude, int64_t exclude_cols,
+                            const float* max_score, const int64_t* upper, int64_t num_splits, int64_t split_size,
+                            int64_t list_size, int64_t key_mode, int64_t seed, int64_t* keys, int32_t* nonfinite,
+                            cudaStream_t stream) {
+  const cudaError_t zeroed = cudaMemsetAsync(nonfinite, 0, sizeof(*nonfinite), stream);
+  if (zeroed != cudaSuccess || pool.B == 0 || num_splits == 0) return zeroed;
+  if (list_size < 16 || list_size > 128 || (list_size & (list_size - 1)) != 0 || split_size < 1 ||
+      (key_mode != 0 && key_mode != 1)) {
+    return cudaErrorInvalidValue;
+  }
+  TopkParams params{};
+  params.pool = pool;
+  params.exclude = exclude_cols > 0 ? exclude : nullptr;
+  params.exclude_cols = exclude_cols > 0 ? exclude_cols : 0;
+  params.max_score = max_score;
+  params.upper = upper;
+  params.num_splits = num_splits;
+  params.split_size = split_size;
+  params.list_size = static_cast<int>(list_size);
+  params.key_mode = static_cast<int>(key_mode);
+  params.seed = seed;
+  params.compute_scores = key_mode == 0 || max_score != nullptr;
+  params.keys = keys;
+  params.nonfinite = nonfinite;
+  const size_t smem = kFixedBytes + sizeof(int64_t) * kTile * list_size;
+  const unsigned grid = split_grid(pool, num_splits);
+  const bool vec = vector_loads(pool);
+  switch (pool.dtype) {
+    case DType::F32:
+      return launch_topk<float>(params, grid, smem, vec, stream);
+    case DType::F16:
+      return launch_topk<__half>(params, grid, smem, vec, stream);
+    case DType::BF16:
+      return launch_topk<__nv_bfloat16>(params, grid, smem, vec, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t pair_scores_cuda(const ScorePool& pool, const int64_t* ids, int64_t cols, float* out,
+                             cudaStream_t stream) {
+  const int64_t pairs = pool.B * cols;
+  if (pairs == 0) return cudaSuccess;
+  PairParams params{pool, ids, cols, out};
+  const int64_t per_block = pool.dtype == DType::F32 ? kPairWarps * kWarpSize : kPairWarps * 16;
+  const auto grid = static_cast<unsigned>(std::min<int64_t>((pairs + per_block - 1) / per_block, int64_t{1} << 20));
+  switch (pool.dtype) {
+    case DType::F32:
+      pair_scores_f32_kernel<<<grid, kPairThreads, 0, stream>>>(params);
+      break;
+    case DType::F16:
+      pair_scores_half_kernel<__half><<<grid, kPairThreads, 0, stream>>>(params);
+      break;
+    case DType::BF16:
+      pair_scores_half_kernel<__nv_bfloat16><<<grid, kPairThreads, 0, stream>>>(params);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t split_rank_counts_cuda(const ScorePool& pool, const int64_t* positives, int64_t positive_cols,
+                                   const int64_t* exclude, int64_t exclude_cols, const int64_t* pos_keys,
+                                   int64_t num_splits, int64_t split_size, int64_t* ahead, int64_t* max_neg_keys,
+                                   int32_t* nonfinite, cudaStream_t stream) {
+  const cudaError_t zeroed = cudaMemsetAsync(nonfinite, 0, sizeof(*nonfinite), stream);
+  if (zeroed != cudaSuccess || pool.B == 0 || num_splits == 0) return zeroed;
+  if (split_size < 1) return cudaErrorInvalidValue;
+  RankParams params{};
+  params.pool = pool;
+  params.positives = positive_cols > 0 ? positives : nullptr;
+  params.positive_cols = positive_cols > 0 ? positive_cols : 0;
+  params.exclude = exclude_cols > 0 ? exclude : nullptr;
+  params.exclude_cols = exclude_cols > 0 ? exclude_cols : 0;
+  params.pos_keys = pos_keys;
+  params.num_splits = num_splits;
+  params.split_size = split_size;
+  params.ahead = ahead;
+  params.max_neg_keys = max_neg_keys;
+  params.nonfinite = nonfinite;
+  const unsigned grid = split_grid(pool, num_splits);
+  const bool vec = vector_loads(pool);
+  switch (pool.dtype) {
+    case DType::F32:
+      return launch_rank<float>(params, grid, kFixedBytes, vec, stream);
+    case DType::F16:
+      return launch_rank<__half>(params, grid, kFixedBytes, vec, stream);
+    case DType::BF16:
+      return launch_rank<__nv_bfloat16>(params, grid, kFixedBytes, vec, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace elva

@@ -1,0 +1,188 @@
+"""Triton kernel: per-(query, split) top lists of similarity keys, the one pass of similarity_topk.
+
+A program owns BLOCK_M queries and one split of the candidates. It walks the split in BLOCK_N
+candidate tiles: a tl.dot score tile (fp32 accumulation), its keys (``_split_select``'s
+docstring), then a threshold test against each row's running list of LIST keys, kept in
+registers. Only keys above a row's current minimum are inserted, one per row per step, so
+after the first tiles the epilogue is a compare and a max. Scores never leave the chip.
+
+The score routine ``_score_tile`` is shared with triton/rank_statistics.py, so every kernel
+computes bit-identical scores for the same (query, candidate) pair.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+KEY_MIN = tl.constexpr(-(2**63))  # an ineligible candidate
+LOW_WORD = tl.constexpr(2**32 - 1)
+# Tile shape: wgmma-friendly on Hopper; the interpreter is faster with large blocks too.
+BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 64
+NUM_WARPS, NUM_STAGES = 4, 3
+
+
+@triton.jit
+def _score_tile(
+    q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, rows, cols, row_ok, col_ok, dim, stride_q, stride_c,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """fp32 scores [BLOCK_M, BLOCK_N] of query ``rows`` x candidate ``cols`` (int64 ids), scaled."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, dim, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < dim
+        a = tl.load(q_ptr + rows[:, None] * stride_q + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(c_ptr + cols[None, :] * stride_c + kk[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        if UPCAST:  # bf16 arithmetic is wrong in the interpreter: fp32 holds bf16 products exactly
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    q_scale = tl.load(q_scale_ptr + rows, mask=row_ok, other=0.0)
+    c_scale = tl.load(c_scale_ptr + cols, mask=col_ok, other=0.0)
+    return (acc * q_scale[:, None]) * c_scale[None, :]
+
+
+@triton.jit
+def _score_keys(scores, cols):
+    """Total-order keys: orderable fp32 bits in the high word, 2**32 - 1 - id in the low word."""
+    bits = (scores + 0.0).to(tl.int32, bitcast=True)  # + 0.0 turns -0.0 into +0.0
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return ordered.to(tl.int64) * 4294967296 + (LOW_WORD - cols)
+
+
+@triton.jit
+def _mix32(x):
+    x = (x ^ (x >> 16)) * 0x45D9F3B
+    x = (x ^ (x >> 16)) * 0x45D9F3B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _random_keys(seed, rows, cols):
+    """Key mode 1: the smallest hash of (seed, row, id) first (reference.mine_hard_negatives.random_keys)."""
+    low_ids = cols.to(tl.uint32)
+    high_ids = (cols >> 32).to(tl.uint32)
+    low_words = LOW_WORD - cols
+    h = _mix32(tl.full([1], seed, tl.uint32))
+    h = _mix32(h ^ rows.to(tl.uint32))
+    h = _mix32(h[:, None] ^ low_ids[None, :])
+    h = _mix32(h ^ high_ids[None, :])
+    return ((LOW_WORD - h.to(tl.int64)) - 2147483648) * 4294967296 + low_words[None, :]
+
+
+@triton.jit
+def _listed(ids_ptr, rows, row_ok, width, cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] bool: candidate cols[j] appears in row i of the int64 [B, width] id matrix."""
+    hit = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int1)
+    for t in range(0, width):
+        ids = tl.load(ids_ptr + rows * width + t, mask=row_ok, other=-1)
+        hit = hit | (cols[None, :] == ids[:, None])
+    return hit
+
+
+@triton.jit
+def split_topk_kernel(
+    q_ptr, c_ptr, q_scale_ptr, c_scale_ptr,  # rows (fp32/fp16/bf16) and their fp32 scales
+    exclude_ptr, exclude_width,  # int64 [B, exclude_width], -1 padded (width 0: none)
+    max_score_ptr,  # fp32 [B] (ignored unless HAS_MAX_SCORE)
+    upper_ptr,  # int64 [B, splits]: exclusive upper bound on keys; KEY_MIN = skip the pair
+    keys_ptr,  # int64 [B, splits, LIST] output
+    nonfinite_ptr,  # int32 [1], set to 1 on a NaN/Inf score
+    num_queries, num_candidates, dim, stride_q, stride_c, splits, split_size, seed,
+    LIST: tl.constexpr, KEY_MODE: tl.constexpr, HAS_MAX_SCORE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    split = tl.program_id(1)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < num_queries
+    upper = tl.load(upper_ptr + rows * splits + split, mask=row_ok, other=KEY_MIN)
+    first = split.to(tl.int64) * split_size
+    last = tl.minimum(first + split_size, num_candidates)
+    last = tl.where(tl.max(upper, axis=0) > KEY_MIN, last, first)  # no row asks: nothing to do
+    if HAS_MAX_SCORE:
+        max_score = tl.load(max_score_ptr + rows, mask=row_ok, other=0.0)
+    NEEDS_SCORES: tl.constexpr = KEY_MODE == 0 or HAS_MAX_SCORE
+
+    # The running lists: distinct sentinels below every real key, so each row's minimum is unique.
+    slots = tl.arange(0, LIST).to(tl.int64)
+    sentinels = slots + (KEY_MIN + 1)
+    best = tl.zeros([BLOCK_M, LIST], dtype=tl.int64) + sentinels[None, :]
+    floor = tl.min(best, axis=1)
+    bad = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for start in range(first, last, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = cols < last
+        valid = row_ok[:, None] & col_ok[None, :]
+        if NEEDS_SCORES:
+            scores = _score_tile(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, rows, cols, row_ok, col_ok, dim, stride_q,
+                                 stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+            bad = bad | (valid & ((scores - scores) != 0)).to(tl.int32)  # x - x is NaN for NaN and +-Inf
+        if KEY_MODE == 0:
+            keys = _score_keys(scores, cols[None, :])
+        else:
+            keys = _random_keys(seed, rows, cols)
+        eligible = valid & (keys < upper[:, None])
+        if HAS_MAX_SCORE:
+            eligible = eligible & (scores <= max_score[:, None])
+        keys = tl.where(eligible, keys, KEY_MIN)
+        top = tl.max(keys, axis=1)
+        if tl.max((top > floor).to(tl.int32), axis=0) > 0:  # some row improves: drop excluded ids first
+            listed = _listed(exclude_ptr, rows, row_ok, exclude_width, cols, BLOCK_M, BLOCK_N)
+            keys = tl.where(listed, KEY_MIN, keys)
+            top = tl.max(keys, axis=1)
+            # One insertion per improving row per step: the tile's best replaces the row's minimum.
+            while tl.max((top > floor).to(tl.int32), axis=0) > 0:
+                improves = top > floor
+                best = tl.where((best == floor[:, None]) & improves[:, None], top[:, None], best)
+                keys = tl.where(keys == top[:, None], KEY_MIN, keys)
+                floor = tl.min(best, axis=1)
+                top = tl.max(keys, axis=1)
+    out = keys_ptr + (rows[:, None] * splits + split) * LIST + slots[None, :]
+    tl.store(out, best, mask=row_ok[:, None])
+    tl.atomic_max(nonfinite_ptr, 1, mask=tl.max(tl.max(bad, axis=1), axis=0) > 0)
+
+
+def upcast_for(dtype: torch.dtype, device: torch.device) -> bool:
+    """bf16 tl.dot is broken in the interpreter (CPU tensors); upcast after the load there."""
+    return dtype == torch.bfloat16 and (device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def split_topk(queries, candidates, query_scale, candidate_scale, exclude, max_score, upper, split_size, list_size,
+               key_mode, seed):
+    """Launcher with the signature of ``elva::split_topk_cuda`` (see _split_select)."""
+    num_queries, splits = upper.shape
+    keys = torch.empty((num_queries, splits, list_size), dtype=torch.int64, device=queries.device)
+    nonfinite = torch.zeros(1, dtype=torch.int32, device=queries.device)
+    exclude_arg = exclude.contiguous() if exclude is not None else upper  # any int64 pointer; width 0
+    grid = (triton.cdiv(num_queries, BLOCK_M), splits)
+    split_topk_kernel[grid](
+        queries, candidates, query_scale, candidate_scale,
+        exclude_arg, exclude.shape[1] if exclude is not None else 0,
+        max_score if max_score is not None else query_scale, upper.contiguous(), keys, nonfinite,
+        num_queries, candidates.shape[0], queries.shape[1], queries.stride(0), candidates.stride(0), splits,
+        split_size, seed,
+        LIST=list_size, KEY_MODE=key_mode, HAS_MAX_SCORE=max_score is not None,
+        UPCAST=upcast_for(queries.dtype, queries.device),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )
+    return keys, nonfinite
+
+
+_TILE = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K}
+AOT_SPECS = [
+    (
+        split_topk_kernel,
+        {"q_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "q_scale_ptr": "*fp32", "c_scale_ptr": "*fp32",
+         "exclude_ptr": "*i64", "exclude_width": "i32", "max_score_ptr": "*fp32", "upper_ptr": "*i64",
+         "keys_ptr": "*i64", "nonfinite_ptr": "*i32", "num_queries": "i32", "num_candidates": "i32", "dim": "i32",
+         "stride_q": "i64", "stride_c": "i64", "splits": "i32", "split_size": "i32", "seed": "i32",
+         "LIST": "constexpr", "KEY_MODE": "constexpr", "HAS_MAX_SCORE": "constexpr", "UPCAST": "constexpr",
+         "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
+        {"LIST": list_size, "KEY_MODE": key_mode, "HAS_MAX_SCORE": has_max, "UPCAST": False, **_TILE},
+    )
+    for dtype in ("fp32", "fp16", "bf16")
+    for list_size, key_mode, has_max in ((16, 0, False), (128, 0, True), (128, 1, True), (128, 1, False))
+]

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 from elva_kernels.triton.similarity_topk import (
-    BLOCK_K, BLOCK_M, BLOCK_N, KEY_MIN, NUM_STAGES, NUM_WARPS, _listed, _score_keys, _score_tile, upcast_for,
+    BLOCK_K, BLOCK_M, BLOCK_N, KEY_MIN, NUM_STAGES, NUM_WARPS, _listed, _nonfinite, _score_keys, _score_tile,
+    upcast_for,
 )
 
 
@@ -66,7 +67,7 @@ def split_rank_counts_kernel(
         valid = row_ok[:, None] & col_ok[None, :]
         scores = _score_tile(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, rows, cols, row_ok, col_ok, dim, stride_q,
                              stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
-        bad = bad | (valid & ((scores - scores) != 0)).to(tl.int32)
+        bad = bad | (valid & _nonfinite(scores)).to(tl.int32)
         keys = _score_keys(scores, cols[None, :])
         negative = valid & ~_listed(positives_ptr, rows, row_ok, positives_width, cols, BLOCK_M, BLOCK_N)
         negative = negative & ~_listed(exclude_ptr, rows, row_ok, exclude_width, cols, BLOCK_M, BLOCK_N)

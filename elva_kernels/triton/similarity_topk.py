@@ -54,6 +54,12 @@ def _score_keys(scores, cols):
 
 
 @triton.jit
+def _nonfinite(x):
+    """NaN or +-Inf, from the exponent bits: ``x - x != 0`` would be contracted into an FMA of x's product."""
+    return (x.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000
+
+
+@triton.jit
 def _mix32(x):
     x = (x ^ (x >> 16)) * 0x45D9F3B
     x = (x ^ (x >> 16)) * 0x45D9F3B
@@ -119,7 +125,7 @@ def split_topk_kernel(
         if NEEDS_SCORES:
             scores = _score_tile(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, rows, cols, row_ok, col_ok, dim, stride_q,
                                  stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
-            bad = bad | (valid & ((scores - scores) != 0)).to(tl.int32)  # x - x is NaN for NaN and +-Inf
+            bad = bad | (valid & _nonfinite(scores)).to(tl.int32)
         if KEY_MODE == 0:
             keys = _score_keys(scores, cols[None, :])
         else:

@@ -19,7 +19,7 @@ def test_similarity_topk_matches_reference(backend, metric):
     for big in (False, True):
         check_backend_against_reference(
             "similarity_topk", backend, lambda g, dt: topk_tests.make_case(g, dt, metric, big=big), topk_tests.run,
-            topk_tests.compare, device="cuda", cases=40 if big else 60,
+            topk_tests.compare, device="cuda", cases=10 if big else 25,
         )
 
 
@@ -29,7 +29,7 @@ def test_rank_statistics_matches_reference(backend, metric):
     for big in (False, True):
         check_backend_against_reference(
             "rank_statistics", backend, lambda g, dt: rank_tests.make_case(g, dt, metric, big=big), rank_tests.run,
-            rank_tests.compare, device="cuda", cases=30,
+            rank_tests.compare, device="cuda", cases=6 if big else 12,
         )
 
 

@@ -108,7 +108,7 @@ def _multiprocessors(device: torch.device) -> int:
 
 def plan(num_queries: int, num_candidates: int, k: int, device: torch.device) -> tuple[int, int]:
     """(split_size, list_size): enough programs to fill the GPU, and lists that hold the top k."""
-    list_size = max(16, 1 << (k - 1).bit_length()) if k <= LIST_MAX else LIST_MAX
+    list_size = 16 if k <= 16 else LIST_MAX  # two list sizes: two compiled variants per dtype
     row_blocks = math.ceil(num_queries / QUERY_BLOCK)
     splits = math.ceil(4 * _multiprocessors(device) / row_blocks)  # about 4 programs per SM
     if k > list_size:
@@ -129,6 +129,8 @@ def exact_top_keys(kernels: Kernels, queries, candidates, query_scale, candidate
                    *, key_mode: int = 0, seed: int = 0, input_names=("queries", "candidates")) -> torch.Tensor:
     """int64 [B, k]: the k largest eligible keys per query, descending (sentinels where too few)."""
     num_queries, num_candidates = queries.shape[0], candidates.shape[0]
+    if key_mode == 0 and max_score is None:  # scores are computed anyway: one compiled variant, not two
+        max_score = torch.full((num_queries,), float("inf"), device=queries.device)
     split_size, list_size = plan(num_queries, num_candidates, k, queries.device)
     splits = math.ceil(num_candidates / split_size)
     upper = torch.full((num_queries, splits), KEY_MAX, dtype=torch.int64, device=queries.device)

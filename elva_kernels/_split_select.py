@@ -17,7 +17,8 @@ Keys (one int64 orders candidates exactly as SPEC's total order):
 >= 2**31, so real keys are >= ``REAL_KEY_MIN``; ``INT64_MIN`` marks an ineligible candidate
 and ``INT64_MIN + 1 + slot`` the empty slots of a list, all below every real key.
 
-Eligible: not listed in ``exclude[i]``, key < ``upper[i, split]`` and, with ``max_score``,
+Eligible: not listed in ``exclude[i]``, key < ``upper[i, split]`` (``KEY_MAX``: no bound, since it is
+also the random key of hash 0) and, with ``max_score``,
 score <= max_score[i]. A kernel sets ``nonfinite`` when a score it computed is NaN or Inf.
 
 Exactness of the merge: a split whose list holds fewer than list_size real keys is exhausted;

@@ -362,7 +362,7 @@ __global__ void __launch_bounds__(kThreads, 2) split_topk_kernel(const TopkParam
                 if (!isfinite(score)) nonfinite = true;
               }
               key = p.key_mode == 0 ? score_key(score, j) : hash_key(h, j);
-              hit = key > minimum && key < upper && (!has_max || score <= max_score) &&
+              hit = key > minimum && (key < upper || upper == INT64_MAX) && (!has_max || score <= max_score) &&
                     !listed(exclude_row, p.exclude_cols, j);
             }
             // Insert the hits one at a time: each replaces the current minimum, which then moves up.

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 KEY_MIN = tl.constexpr(-(2**63))  # an ineligible candidate
+KEY_MAX = tl.constexpr(2**63 - 1)  # upper bound of a first round: none
 LOW_WORD = tl.constexpr(2**32 - 1)
 # Tile shape: wgmma-friendly on Hopper; the interpreter is faster with large blocks too.
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 64
@@ -130,7 +131,8 @@ def split_topk_kernel(
             keys = _score_keys(scores, cols[None, :])
         else:
             keys = _random_keys(seed, rows, cols)
-        eligible = valid & (keys < upper[:, None])
+        # KEY_MAX means "no bound": it is also the random key of hash 0, which must stay eligible.
+        eligible = valid & ((keys < upper[:, None]) | (upper[:, None] == KEY_MAX))
         if HAS_MAX_SCORE:
             eligible = eligible & (scores <= max_score[:, None])
         keys = tl.where(eligible, keys, KEY_MIN)

@@ -12,6 +12,17 @@ def scores(queries, candidates, metric="cosine"):
     return (q.double() @ c.double().T).float()
 
 
+def score_tolerance(queries, candidates, metric="cosine") -> torch.Tensor:
+    """[B, 1] absolute error bound of an fp32-accumulated score, any summation order: d * 2**-24 * |q| * max |c|
+    over the prepared rows (at least 1e-5). Backends that sum in fp32 on tensor cores differ from the float64
+    reference by up to this much."""
+    q, c = queries.float(), candidates.float()
+    if metric == "cosine":
+        q, c = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(c, dim=1)
+    bound = q.shape[1] * 2.0**-24 * torch.linalg.vector_norm(q, dim=1) * torch.linalg.vector_norm(c, dim=1).max()
+    return bound.clamp_min(1e-5)[:, None]
+
+
 def total_order(s: torch.Tensor) -> torch.Tensor:
     """Per row, candidate ids sorted by score descending then id ascending."""
     return torch.sort(s, dim=1, descending=True, stable=True).indices

@@ -3,6 +3,8 @@ import pytest
 import torch
 
 import elva_kernels as ek
+from tests.ops import test_rank_statistics_fast as rank_tests
+from tests.ops import test_similarity_topk_fast as topk_tests
 
 pytestmark = pytest.mark.gpu
 
@@ -14,14 +16,23 @@ def pair(*shape, dtype=torch.float32):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_similarity_topk_and_rank_statistics(dtype):
+    """Every backend that runs on CUDA, against the CPU reference (within fp32 rounding, near-ties aside)."""
     (q, q_gpu), (c, c_gpu) = pair(33, 96, dtype=dtype), pair(5003, 96, dtype=dtype)
-    for backend in [b.name for b in ek._dispatch.backends("similarity_topk")]:
-        values, indices = ek.similarity_topk(q_gpu, c_gpu, 100, backend=backend)
-        expected = ek.similarity_topk(q, c, 100, backend="torch")
-        assert torch.equal(indices.cpu(), expected[1]) and torch.allclose(values.cpu(), expected[0], atol=1e-6)
     positives = torch.randint(0, 5003, (33, 2))
-    stats = ek.rank_statistics(q_gpu, c_gpu, positives.cuda())
-    assert torch.equal(stats.rank.cpu(), ek.rank_statistics(q, c, positives).rank)
+    expected = ek.similarity_topk(q, c, 100, backend="torch")
+    expected_stats = ek.rank_statistics(q, c, positives, backend="torch")
+    case = {"queries": q, "candidates": c, "metric": "cosine", "positives": positives, "exclude": None}
+    for backend in on_cuda("similarity_topk", dtype):
+        values, indices = ek.similarity_topk(q_gpu, c_gpu, 100, backend=backend)
+        topk_tests.compare((values.cpu(), indices.cpu()), expected, case, dtype)
+    for backend in on_cuda("rank_statistics", dtype):
+        stats = ek.rank_statistics(q_gpu, c_gpu, positives.cuda(), backend=backend)
+        rank_tests.compare(type(stats)(*(x.cpu() for x in stats)), expected_stats, case, dtype)
+
+
+def on_cuda(op, dtype):
+    call = ek._dispatch.Call(torch.device("cuda"), dtype, {})
+    return [b.name for b in ek._dispatch.backends(op) if not b.refusal_reasons(call)]
 
 
 def test_mining_rewards_and_infonce():

@@ -1,8 +1,9 @@
 """mine_hard_negatives: the hard part is similarity_topk; the random part is eligible, fresh, seeded, uniform."""
+import pytest
 import torch
 
 from elva_kernels import mine_hard_negatives, similarity_topk
-from tests.helpers import random_rows, ragged_size
+from tests.helpers import backend_or_skip, random_rows, ragged_size
 from tests.ops import naive
 
 
@@ -72,3 +73,19 @@ def test_opcheck_and_compile():
     torch.library.opcheck(op, (q, pool_emb, positives, 0, 5, torch.full((4,), 0.5), 9))
     compiled = torch.compile(lambda q, p: mine_hard_negatives(q, p, positives, n_hard=3, n_random=3), fullgraph=True)
     assert torch.equal(compiled(q, pool_emb), mine_hard_negatives(q, pool_emb, positives, n_hard=3, n_random=3))
+
+
+@pytest.mark.parametrize("max_score", [None, 0.3])
+def test_triton_matches_reference(max_score):
+    """The Triton backend (interpreter) draws the same ids; seed 0, row 0, id 0 hashes to 0, the largest key."""
+    backend_or_skip("mine_hard_negatives", "triton", "cpu", torch.float32)
+    gen = torch.Generator().manual_seed(9)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for seed in range(3):
+            rows, pool = ragged_size(gen, 1, 20), ragged_size(gen, 2, 600)
+            q = random_rows(gen, rows, 64, ties=False).to(dtype)
+            c = random_rows(gen, pool, 64, ties=False).to(dtype)
+            positives = torch.randint(1, pool, (rows, 2), generator=gen) if pool > 1 else torch.zeros(rows, 1).long()
+            args = dict(n_hard=ragged_size(gen, 0, 60), n_random=ragged_size(gen, 1, 60), max_score=max_score, seed=seed)
+            expected = mine_hard_negatives(q, c, positives, backend="torch", **args)
+            assert torch.equal(mine_hard_negatives(q, c, positives, backend="triton", **args), expected)

@@ -50,7 +50,8 @@ def run(case, backend):
 
 
 def compare(actual, expected, case, dtype):
-    """Values within 1e-5; indices exact except inside near-ties of the reference (then as value multisets)."""
+    """Values within the fp32 error bound; indices exact except inside near-ties of the reference (then as value
+    multisets)."""
     values, indices = actual
     ref_values, ref_indices = expected
     assert values.dtype == torch.float32 and indices.dtype == torch.int64
@@ -58,19 +59,23 @@ def compare(actual, expected, case, dtype):
     assert torch.equal(indices == -1, padded), "the -1 tails differ"
     assert torch.equal(values[padded], ref_values[padded])
     real = ~padded
-    scale = ref_values.abs().clamp_min(1.0)
-    assert_close_verbose(
-        torch.where(real, values, 0.0), torch.where(real, ref_values, 0.0), atol=1e-5, rtol=1e-5, what="values"
-    )
-    # A slot is a near-tie when another candidate scores within 1e-5 (relative) of it: there the backends'
-    # roundings may order candidates differently, including across the k-th place.
+    # Scores within the fp32 accumulation error bound of the float64 reference.
+    finite = torch.where(real, ref_values, 0.0)
+    tol = 1e-5 * finite.abs().amax(1, keepdim=True).clamp_min(1.0)  # relative 1e-5 when the inputs are unknown
+    if "queries" in case:
+        bound = naive.score_tolerance(case["queries"], case["candidates"], case["metric"]).to(values.device)
+        tol = torch.maximum(tol, bound)
+    bad = real & ((values - ref_values).abs() > tol)
+    assert not bool(bad.any()), f"values: {int(bad.sum())} beyond tolerance; first {bad.nonzero()[:3].tolist()}"
+    # A slot is a near-tie when another candidate scores within 2 tol of it: there the backends' roundings may
+    # order candidates differently, including across the k-th place.
     near = torch.zeros_like(real)
     if "queries" in case:
         s = naive.scores(case["queries"], case["candidates"], case["metric"]).float().to(values.device)
-        close = (s[:, None, :] - ref_values[:, :, None]).abs() < 1e-5 * scale[:, :, None]
+        close = (s[:, None, :] - ref_values[:, :, None]).abs() < 2 * tol[:, :, None]
         near = real & (close.sum(2) > 1)
     else:
-        gaps = ref_values.diff(dim=1).abs() < 1e-5 * torch.maximum(scale[:, 1:], scale[:, :-1])
+        gaps = ref_values.diff(dim=1).abs() < 2 * tol
         near[:, 1:] |= gaps
         near[:, :-1] |= gaps
     exact = real & ~near
@@ -80,7 +85,7 @@ def compare(actual, expected, case, dtype):
     for row in range(values.shape[0]):
         ours = values[row][real[row]].sort().values
         theirs = ref_values[row][real[row]].sort().values
-        assert_close_verbose(ours, theirs, atol=1e-5, rtol=1e-5, what=f"row {row} value multiset")
+        assert_close_verbose(ours, theirs, atol=float(tol[row]), rtol=0, what=f"row {row} value multiset")
         v, i = values[row][real[row]], indices[row][real[row]]
         same = v[1:] == v[:-1]
         assert bool((i[1:][same] > i[:-1][same]).all()), "equal scores not by index"

@@ -6,6 +6,7 @@ import torch
 
 import elva_kernels as ek
 from tests.helpers import backend_or_skip, check_backend_against_reference, random_rows, ragged_size
+from tests.ops import naive
 from tests.ops import test_rank_statistics_fast as rank_tests
 from tests.ops import test_similarity_topk_fast as topk_tests
 
@@ -64,18 +65,36 @@ def test_all_equal_scores_need_several_rounds(backend):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_mining_matches_reference(backend):
+    """Equal to the reference on every row without a near-tie (within fp32 rounding) at the n_hard-th place or at
+    max_score, where the backends' roundings may decide differently."""
     backend_or_skip("mine_hard_negatives", backend, "cuda", torch.float32)
     gen = torch.Generator().manual_seed(9)
+    checked = 0
     for dtype in (torch.float32, torch.bfloat16):
         for case in range(6):
             rows, pool = ragged_size(gen, 1, 200), ragged_size(gen, 2, 20000)
-            q = random_rows(gen, rows, 64, ties=False).to(dtype).cuda()
-            c = random_rows(gen, pool, 64, ties=False).to(dtype).cuda()
-            positives = torch.randint(0, pool, (rows, 2), generator=gen).cuda()
+            q = random_rows(gen, rows, 64, ties=False).to(dtype)
+            c = random_rows(gen, pool, 64, ties=False).to(dtype)
+            positives = torch.randint(0, pool, (rows, 2), generator=gen)
             max_score = 0.3 if case % 2 else None
-            args = dict(n_hard=ragged_size(gen, 0, 60), n_random=ragged_size(gen, 1, 60), max_score=max_score, seed=case)
-            assert torch.equal(ek.mine_hard_negatives(q, c, positives, backend=backend, **args),
-                               ek.mine_hard_negatives(q, c, positives, backend="torch", **args))
+            n_hard, n_random = ragged_size(gen, 0, 60), ragged_size(gen, 1, 60)
+            args = dict(n_hard=n_hard, n_random=n_random, max_score=max_score, seed=case)
+            ours = ek.mine_hard_negatives(q.cuda(), c.cuda(), positives.cuda(), backend=backend, **args).cpu()
+            expected = ek.mine_hard_negatives(q, c, positives, backend="torch", **args)
+            s = naive.scores(q, c)
+            tol = 2 * naive.score_tolerance(q, c)
+            s[torch.arange(rows)[:, None], positives] = float("-inf")
+            unsure = torch.zeros(rows, dtype=torch.bool)
+            if max_score is not None:
+                unsure |= ((s - max_score).abs() < tol).any(1)
+                s = s.masked_fill(s > max_score, float("-inf"))
+            if 0 < n_hard < pool:
+                top = s.topk(min(n_hard + 1, pool), dim=1).values
+                unsure |= (top.diff(dim=1).abs() < tol).any(1)
+            sure = ~unsure
+            assert torch.equal(ours[sure], expected[sure])
+            checked += int(sure.sum())
+    assert checked > 0
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

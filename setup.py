@@ -66,7 +66,10 @@ setup(
     install_requires=["torch>=2.6", "numpy", "tqdm", "pyyaml"],
     extras_require={
         "gpu": ["flash-attn"],
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "faiss-cpu", "ranx", "matplotlib", "triton", "ninja", "pybind11"],
+        "dev": [
+            "pytest", "pytest-benchmark", "hypothesis", "faiss-cpu", "ranx", "matplotlib", "triton", "ninja", "pybind11",
+            "trl>=1.16",
+        ],
     },
     entry_points={"console_scripts": ["elva = elva.cli:main"]},
     ext_modules=[native_extension()],

@@ -15,7 +15,31 @@ OP = "elva_rewards"
 LOG_BASES = {"e": math.e, 2: 2.0, "2": 2.0}
 ADVANTAGE_MODES = ("group", "batch", "none")
 
-_dispatch.register(OP, [_dispatch.Backend("torch", OP, devices=("cpu", "cuda"))])
+# The GPU backends rank a rollout's C candidates on chip; Triton also holds a query's G rollouts in one program.
+MAX_CANDIDATES, MAX_GROUP_TRITON = 512, 16
+
+
+def _on_chip_limits(max_group: int | None):
+    def limits(call: _dispatch.Call) -> list[str]:
+        reasons = []
+        if call.sizes.get("C", 0) > MAX_CANDIDATES:
+            reasons.append(f"C={call.sizes['C']} candidates per rollout; on-chip ranking takes C <= {MAX_CANDIDATES}")
+        if max_group is not None and call.sizes.get("G", 0) > max_group:
+            reasons.append(f"G={call.sizes['G']} rollouts per query; one program holds G <= {max_group}")
+        return reasons
+
+    return limits
+
+
+_dispatch.register(
+    OP,
+    [
+        _dispatch.Backend("triton", OP, devices=("cuda", "cpu"), limits=_on_chip_limits(MAX_GROUP_TRITON)),
+        _dispatch.Backend("cuda", OP, devices=("cuda",), limits=_on_chip_limits(None)),
+        _dispatch.Backend("cpu", OP, devices=("cpu",)),
+        _dispatch.Backend("torch", OP, devices=("cpu", "cuda")),
+    ],
+)
 
 
 class ElvaRewards(NamedTuple):
@@ -103,9 +127,13 @@ def elva_rewards(
         advantages = (total - total.mean(1, keepdim=True)) / (total.std(1, keepdim=True) + adv_eps)
 
     Backends and limits:
-        torch (CPU, CUDA; fp32/fp16/bf16): ``reference/elva_rewards.py``. Data checks (finite
+        triton (CUDA; CPU tensors only under the interpreter): one program per query, C <= 512,
+        G <= 16; ``triton/elva_rewards.py``. cuda: one block per query, C <= 512;
+        ``csrc/cuda/elva_rewards.cu``. Both check the data in the kernel (one host sync).
+        cpu (C++/OpenMP, any C and G): ``csrc/cpu/elva_rewards.cpp``.
+        torch (CPU, CUDA; fp32/fp16/bf16): ``reference/elva_rewards.py``. Its data checks (finite
         embeddings, positive_index in [0, C), a mask that keeps the positive and one negative)
-        read the inputs once more. Triton, CUDA and C++ backends are not written yet.
+        read the inputs once more.
 
     Example:
         >>> out = elva_rewards(torch.randn(4, 8, 64), torch.randn(4, 101, 64), positive_index=0)
@@ -212,6 +240,15 @@ def _flag(name: str, value) -> None:
 
 
 torch.library.impl(_library.qualname(OP, "torch"), "CompositeExplicitAutograd")(reference.elva_rewards)
+
+
+try:
+    from elva_kernels.triton.elva_rewards import elva_rewards as triton_elva_rewards
+except ImportError:  # no triton: the dispatcher gives the reason
+    pass
+else:
+    # On CPU tensors this serves only the interpreter (TRITON_INTERPRET=1), which the tests use.
+    torch.library.impl(_library.qualname(OP, "triton"), ("cuda", "cpu"))(triton_elva_rewards)
 
 
 def _fake(query_emb, cand_emb, positive_index, mask, delta, gamma, alpha, eps, log_base, advantage, adv_eps,

@@ -465,7 +465,7 @@ BAD = [
     ({"return_scores": 1}, TypeError, "return_scores must be a bool"),
     ({"differentiable": "yes"}, TypeError, "differentiable must be a bool"),
     ({"backend": "fast"}, ValueError, "backend must be one of"),
-    ({"backend": "triton"}, ValueError, "elva_rewards has no 'triton' backend yet"),
+    ({"backend": "cuda"}, ValueError, "cuda"),
 ]
 
 

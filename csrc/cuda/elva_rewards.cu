@@ -20,45 +20,31 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "elva/cuda/device.cuh"
+
 #include <algorithm>
 #include <cmath>
 
 namespace elva {
 namespace {
 
-constexpr int kWarpSize = 32;
+using device::kLoadBytes;
+using device::kWarpSize;
+
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarpSize * kWarps;
 // 512 CTAs (the A3 benchmark's B) fit in one wave of 132 SMs at 4 CTAs each; this caps registers at 64.
 constexpr int kMinBlocksPerSm = 4;
-// One load moves 16 bytes: 4 fp32 or 8 fp16/bf16 elements.
-constexpr int kLoadBytes = 16;
 // fp32 scores of one chunk of rollouts in shared memory (32 KiB): C <= 512 leaves room for >= 16 rollouts.
 constexpr int64_t kScoreSlots = 8192;
 // Rollouts scored from one read of a shared candidate row.
 constexpr int kQuad = 4;
 constexpr float kNormEps = 1e-12f;
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
-
-// Butterfly reductions: every lane ends with the same bits, so branches on the result stay warp-uniform.
-template <typename V>
-__device__ __forceinline__ V warp_sum(V value) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  return value;
-}
-template <typename V>
-__device__ __forceinline__ V warp_max(V value) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) value = max(value, __shfl_xor_sync(0xffffffffu, value, offset));
-  return value;
-}
+using device::Pack;
+using device::to_float;
+using device::warp_sum;
+using device::warp_max;
 template <typename V>
 __device__ __forceinline__ V warp_min(V value) {
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) value = min(value, __shfl_xor_sync(0xffffffffu, value, offset));

@@ -5,36 +5,24 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "elva/cuda/device.cuh"
+
 #include <algorithm>
 
 namespace elva {
 namespace {
 
-constexpr int kWarpSize = 32;
+using device::kLoadBytes;
+using device::kWarpSize;
+
 constexpr int kWarpsPerBlock = 8;
 constexpr int kThreadsPerBlock = kWarpSize * kWarpsPerBlock;
 // Plenty to fill an H100/H200 (132 SMs x 8 resident blocks); taller inputs loop over rows.
 constexpr int64_t kMaxBlocks = 1 << 16;
-// One load moves 16 bytes: 4 fp32 or 8 fp16/bf16 elements.
-constexpr int kLoadBytes = 16;
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-// kVec consecutive elements moved by one aligned access.
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
-
-// Butterfly reduction: addition commutes, so every lane ends with the same bits, and branches on the
-// result stay warp-uniform.
-template <typename T>
-__device__ __forceinline__ T warp_sum(T value) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  return value;
-}
+using device::Pack;
+using device::to_float;
+using device::warp_sum;
 
 // Requires dim % kVec == 0 and 16-byte-aligned packs (the launcher checks); kVec == 1 serves any layout.
 template <typename T, int kVec>

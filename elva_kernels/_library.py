@@ -36,6 +36,14 @@ SIGNATURES = {
         "(Tensor queries, Tensor candidates, Tensor labels, Tensor temperature, bool symmetric,"
         " Tensor? false_negatives) -> (Tensor loss, Tensor lse)"
     ),
+    # The memory-linear backward of infonce_loss, one per backend: gradients of the loss and lse given their
+    # upstream gradients (fp32 [B]). output_mask says which of (queries, candidates, temperature) are wanted;
+    # the others come back as empty tensors.
+    "infonce_loss_backward": (
+        "(Tensor queries, Tensor candidates, Tensor labels, Tensor temperature, bool symmetric,"
+        " Tensor? false_negatives, Tensor loss, Tensor lse, Tensor grad_loss, Tensor grad_lse, bool[3] output_mask)"
+        " -> (Tensor grad_queries, Tensor grad_candidates, Tensor grad_temperature)"
+    ),
     "mine_hard_negatives": (
         "(Tensor query_emb, Tensor pool_emb, Tensor positives, int n_hard, int n_random, Tensor? max_score,"
         " int seed) -> Tensor"

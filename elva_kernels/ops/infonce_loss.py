@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 
 from elva_kernels import _dispatch, _library, _validate
-from elva_kernels.reference import _common
 from elva_kernels.reference.infonce_loss import infonce_loss as reference_infonce_loss
-from elva_kernels.reference.infonce_loss import membership
+from elva_kernels.reference.infonce_loss import infonce_loss_backward as reference_infonce_loss_backward
 
 OP = "infonce_loss"
+BACKWARD = "infonce_loss_backward"
 REDUCTIONS = ("mean", "sum", "none")
 
 _dispatch.register(OP, [_dispatch.Backend("torch", OP, devices=("cpu", "cuda"))])
@@ -224,84 +224,34 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(queries, candidates, labels, temperature, false_negatives, *output)
 
 
-def _backward(ctx, grad_loss, grad_lse):
-    """Memory-linear backward: recompute each score tile, then its softmax from the saved lse.
+def _backward_of(backend: str):
+    """Autograd of ``elva::infonce_loss_<backend>``: that backend's memory-linear backward op."""
 
-    With z = s / tau, p_ij = exp(z_ij - lse_i), upstream g (loss) and h (lse), and w = g (g / 2
-    for each direction when symmetric):
+    def backward(ctx, grad_loss, grad_lse):
+        queries, candidates, labels, temperature, false_negatives, loss, lse = ctx.saved_tensors
+        wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]]
+        g = grad_loss.float() if grad_loss is not None else torch.zeros_like(loss)
+        h = grad_lse.float() if grad_lse is not None else torch.zeros_like(lse)
+        grads = _library.handle(BACKWARD, backend)(
+            queries, candidates, labels, temperature, ctx.symmetric, false_negatives, loss, lse, g, h, wanted
+        )
+        grad_q, grad_c, grad_t = (grad if want else None for grad, want in zip(grads, wanted))
+        return grad_q, grad_c, None, grad_t, None, None
 
-        dL/dz_ij = (w_i + h_i) p_ij - w_i [j = l_i]
-                   + w_j (r_ij - [i = j])            for j < B when symmetric, r_ij = exp(z_ij - rlse_j)
-        dL/ds_ij = dL/dz_ij / tau;   dL/dtau = -sum_ij dL/dz_ij s_ij / tau^2
-
-    Masked pairs have z = -inf, hence p = r = 0. dL/ds gives the prepared-row gradients
-    dQ' = dS C' and dC' = dS^T Q', mapped back through the normalisation.
-    """
-    queries, candidates, labels, temperature, false_negatives, loss, lse = ctx.saved_tensors
-    want_q, want_c, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
-    num_queries, num_candidates = queries.shape[0], candidates.shape[0]
-    g = grad_loss.float() if grad_loss is not None else torch.zeros_like(loss)
-    h = grad_lse.float() if grad_lse is not None else torch.zeros_like(lse)
-    w = g / 2 if ctx.symmetric else g
-    if ctx.symmetric:
-        reverse_lse = _reverse_lse(queries, candidates, temperature, loss, lse)
-    grad_q = torch.empty_like(queries) if want_q else None
-    grad_c_prepared = torch.zeros(candidates.shape, dtype=torch.float32, device=candidates.device) if want_c else None
-    grad_t = torch.zeros((), dtype=torch.float64, device=queries.device) if want_t else None
-    for q0, q1 in _common.query_blocks(num_queries):
-        q = _common.prepare(queries[q0:q1], "cosine")
-        grad_q_prepared = torch.zeros_like(q) if want_q else None
-        for c0, c1 in _common.candidate_blocks(num_candidates, q1 - q0):
-            c = _common.prepare(candidates[c0:c1], "cosine")
-            s = _common.score_tile(q, c)
-            z = s / temperature
-            if false_negatives is not None:
-                z = z.masked_fill(membership(false_negatives[q0:q1], c0, c1), float("-inf"))
-            label_hit = membership(labels[q0:q1, None], c0, c1).float()
-            grad_z = (w + h)[q0:q1, None] * torch.exp(z - lse[q0:q1, None]) - w[q0:q1, None] * label_hit
-            if ctx.symmetric and c0 < num_queries:
-                # Labels are arange(B) here, so label_hit is also the reverse direction's one-hot.
-                n = min(c1, num_queries) - c0
-                r = torch.exp(z[:, :n] - reverse_lse[None, c0 : c0 + n])
-                grad_z[:, :n] += w[None, c0 : c0 + n] * (r - label_hit[:, :n])
-            grad_s = grad_z / temperature
-            if want_q:
-                grad_q_prepared += grad_s @ c
-            if want_c:
-                grad_c_prepared[c0:c1] += grad_s.T @ q
-            if want_t:
-                grad_t += (grad_z * s).sum(dtype=torch.float64)
-        if want_q:
-            grad_q[q0:q1] = _common.prepare_backward(queries[q0:q1], "cosine", grad_q_prepared)
-    grad_c = None
-    if want_c:
-        grad_c = torch.empty_like(candidates)
-        for c0, c1 in _common.candidate_blocks(num_candidates, candidates.shape[1]):
-            grad_c[c0:c1] = _common.prepare_backward(candidates[c0:c1], "cosine", grad_c_prepared[c0:c1])
-    grad_temperature = None
-    if want_t:
-        grad_temperature = (-grad_t / temperature.double() ** 2).to(temperature.dtype)
-    return grad_q, grad_c, None, grad_temperature, None, None
+    return backward
 
 
-def _reverse_lse(queries, candidates, temperature, loss, lse) -> torch.Tensor:
-    """The candidate->query lse of the first B candidates, recovered from the saved outputs.
-
-    loss_i = (lse_i - z_ii + rlse_i - z_ii) / 2, so rlse_i = 2 loss_i - lse_i + 2 z_ii: O(B d)
-    work instead of another pass over the [B, B] score tiles. The error is a few ulps of the
-    largest of |loss|, |lse| and |z|, the same order as rlse's own fp32 rounding.
-    """
-    num_queries = queries.shape[0]
-    diagonal = torch.empty(num_queries, device=queries.device)
-    for q0, q1 in _common.query_blocks(num_queries):
-        q = _common.prepare(queries[q0:q1], "cosine").double()
-        c = _common.prepare(candidates[q0:q1], "cosine").double()
-        # Summed in float64 and rounded to fp32, like _common.score_tile, so it matches the forward's s_ii.
-        diagonal[q0:q1] = (q * c).sum(1).float()
-    z_diagonal = diagonal / temperature  # fp32, as in the forward
-    return (2 * loss.double() - lse.double() + 2 * z_diagonal.double()).float()
+def _fake_backward(queries, candidates, labels, temperature, symmetric, false_negatives, loss, lse, grad_loss,
+                   grad_lse, output_mask):
+    shapes = (queries.shape, candidates.shape, ())
+    return tuple(
+        torch.empty(shape if want else (0,), dtype=like.dtype, device=like.device)
+        for shape, want, like in zip(shapes, output_mask, (queries, candidates, temperature))
+    )
 
 
-for _name in _library.variants(OP):
-    torch.library.register_fake(_name)(_fake)
-    torch.library.register_autograd(_name, _backward, setup_context=_setup_context)
+torch.library.impl(_library.qualname(BACKWARD, "torch"), "CompositeExplicitAutograd")(reference_infonce_loss_backward)
+for _backend in _library.BACKENDS:
+    torch.library.register_fake(_library.qualname(OP, _backend))(_fake)
+    torch.library.register_autograd(_library.qualname(OP, _backend), _backward_of(_backend), setup_context=_setup_context)
+    torch.library.register_fake(_library.qualname(BACKWARD, _backend))(_fake_backward)

@@ -113,3 +113,91 @@ def infonce_loss(
     if symmetric:
         loss = (loss + column_max + column_sum.log() - positive) / 2
     return loss, lse
+
+
+def infonce_loss_backward(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: torch.Tensor,
+    symmetric: bool,
+    false_negatives: torch.Tensor | None,
+    loss: torch.Tensor,
+    lse: torch.Tensor,
+    grad_loss: torch.Tensor,
+    grad_lse: torch.Tensor,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of (loss, lse) w.r.t. (queries, candidates, temperature), memory-linear: recompute each score tile, then its softmax from the saved lse.
+
+    With z = s / tau, p_ij = exp(z_ij - lse_i), upstream g (loss) and h (lse), and w = g (g / 2
+    for each direction when symmetric):
+
+        dL/dz_ij = (w_i + h_i) p_ij - w_i [j = l_i]
+                   + w_j (r_ij - [i = j])            for j < B when symmetric, r_ij = exp(z_ij - rlse_j)
+        dL/ds_ij = dL/dz_ij / tau;   dL/dtau = -sum_ij dL/dz_ij s_ij / tau^2
+
+    Masked pairs have z = -inf, hence p = r = 0. dL/ds gives the prepared-row gradients
+    dQ' = dS C' and dC' = dS^T Q', mapped back through the normalisation.
+    """
+    want_q, want_c, want_t = output_mask
+    num_queries, num_candidates = queries.shape[0], candidates.shape[0]
+    g, h = grad_loss, grad_lse
+    w = g / 2 if symmetric else g
+    if symmetric:
+        reverse_lse = _reverse_lse(queries, candidates, temperature, loss, lse)
+    grad_q = torch.empty_like(queries) if want_q else queries.new_empty(0)
+    grad_c_prepared = torch.zeros(candidates.shape, dtype=torch.float32, device=candidates.device) if want_c else None
+    grad_t = torch.zeros((), dtype=torch.float64, device=queries.device) if want_t else None
+    for q0, q1 in _common.query_blocks(num_queries):
+        q = _common.prepare(queries[q0:q1], "cosine")
+        grad_q_prepared = torch.zeros_like(q) if want_q else None
+        for c0, c1 in _common.candidate_blocks(num_candidates, q1 - q0):
+            c = _common.prepare(candidates[c0:c1], "cosine")
+            s = _common.score_tile(q, c)
+            z = s / temperature
+            if false_negatives is not None:
+                z = z.masked_fill(membership(false_negatives[q0:q1], c0, c1), float("-inf"))
+            label_hit = membership(labels[q0:q1, None], c0, c1).float()
+            grad_z = (w + h)[q0:q1, None] * torch.exp(z - lse[q0:q1, None]) - w[q0:q1, None] * label_hit
+            if symmetric and c0 < num_queries:
+                # Labels are arange(B) here, so label_hit is also the reverse direction's one-hot.
+                n = min(c1, num_queries) - c0
+                r = torch.exp(z[:, :n] - reverse_lse[None, c0 : c0 + n])
+                grad_z[:, :n] += w[None, c0 : c0 + n] * (r - label_hit[:, :n])
+            grad_s = grad_z / temperature
+            if want_q:
+                grad_q_prepared += grad_s @ c
+            if want_c:
+                grad_c_prepared[c0:c1] += grad_s.T @ q
+            if want_t:
+                grad_t += (grad_z * s).sum(dtype=torch.float64)
+        if want_q:
+            grad_q[q0:q1] = _common.prepare_backward(queries[q0:q1], "cosine", grad_q_prepared)
+    grad_c = candidates.new_empty(0)
+    if want_c:
+        grad_c = torch.empty_like(candidates)
+        for c0, c1 in _common.candidate_blocks(num_candidates, candidates.shape[1]):
+            grad_c[c0:c1] = _common.prepare_backward(candidates[c0:c1], "cosine", grad_c_prepared[c0:c1])
+    grad_temperature = temperature.new_empty(0)
+    if want_t:
+        grad_temperature = (-grad_t / temperature.double() ** 2).to(temperature.dtype)
+    return grad_q, grad_c, grad_temperature
+
+
+def _reverse_lse(queries, candidates, temperature, loss, lse) -> torch.Tensor:
+    """The candidate->query lse of the first B candidates, recovered from the saved outputs.
+
+    loss_i = (lse_i - z_ii + rlse_i - z_ii) / 2, so rlse_i = 2 loss_i - lse_i + 2 z_ii: O(B d)
+    work instead of another pass over the [B, B] score tiles. The error is a few ulps of the
+    largest of |loss|, |lse| and |z|, the same order as rlse's own fp32 rounding.
+    """
+    num_queries = queries.shape[0]
+    diagonal = torch.empty(num_queries, device=queries.device)
+    for q0, q1 in _common.query_blocks(num_queries):
+        q = _common.prepare(queries[q0:q1], "cosine").double()
+        c = _common.prepare(candidates[q0:q1], "cosine").double()
+        # Summed in float64 and rounded to fp32, like _common.score_tile, so it matches the forward's s_ii.
+        diagonal[q0:q1] = (q * c).sum(1).float()
+    z_diagonal = diagonal / temperature  # fp32, as in the forward
+    return (2 * loss.double() - lse.double() + 2 * z_diagonal.double()).float()

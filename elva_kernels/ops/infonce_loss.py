@@ -11,7 +11,10 @@ OP = "infonce_loss"
 BACKWARD = "infonce_loss_backward"
 REDUCTIONS = ("mean", "sum", "none")
 
-_dispatch.register(OP, [_dispatch.Backend("torch", OP, devices=("cpu", "cuda"))])
+_dispatch.register(
+    OP,
+    [_dispatch.Backend("triton", OP, devices=("cuda", "cpu")), _dispatch.Backend("torch", OP, devices=("cpu", "cuda"))],
+)
 
 
 def infonce_loss(
@@ -251,6 +254,14 @@ def _fake_backward(queries, candidates, labels, temperature, symmetric, false_ne
 
 
 torch.library.impl(_library.qualname(BACKWARD, "torch"), "CompositeExplicitAutograd")(reference_infonce_loss_backward)
+try:
+    from elva_kernels.triton import infonce_loss as triton_infonce
+except ImportError:  # no triton: the dispatcher gives the reason
+    pass
+else:
+    # On CPU tensors these serve only the interpreter (TRITON_INTERPRET=1), which the tests use.
+    torch.library.impl(_library.qualname(OP, "triton"), ("cuda", "cpu"))(triton_infonce.infonce_loss)
+    torch.library.impl(_library.qualname(BACKWARD, "triton"), ("cuda", "cpu"))(triton_infonce.infonce_loss_backward)
 for _backend in _library.BACKENDS:
     torch.library.register_fake(_library.qualname(OP, _backend))(_fake)
     torch.library.register_autograd(_library.qualname(OP, _backend), _backward_of(_backend), setup_context=_setup_context)

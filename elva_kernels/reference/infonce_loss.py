@@ -54,6 +54,11 @@ def online_logsumexp(
 def _check_data(queries, candidates, labels, temperature, symmetric, false_negatives) -> None:
     _validate.finite("queries", queries)
     _validate.finite("candidates", candidates)
+    check_ids(queries, candidates, labels, temperature, symmetric, false_negatives)
+
+
+def check_ids(queries, candidates, labels, temperature, symmetric, false_negatives) -> None:
+    """The data checks that do not read the embeddings (the fast backends flag NaN/Inf in their kernels)."""
     if not bool(torch.isfinite(temperature) & (temperature > 0)):
         raise ValueError(f"temperature must be a finite value > 0; got {temperature.item()}")
     _validate.ids_in_range("labels", labels, candidates.shape[0], pad=False)

@@ -1,0 +1,313 @@
+"""Triton kernels of infonce_loss: online log-sum-exp forward, and a backward that recomputes score tiles.
+
+Scores come from the score routine of triton/similarity_topk.py: raw tl.dot tiles (fp32
+accumulation) scaled by both rows' inverse norms, so z = cos / tau without normalised copies.
+
+* ``forward_kernel``: a program owns BLOCK_M queries and streams every candidate tile, folding
+  z into a running (max, sum) per row; it keeps lse and the label's z. Nothing of size [B, N].
+* ``column_lse_kernel`` (symmetric only): a program owns BLOCK_N of the first B candidates and
+  streams the query tiles for the candidate -> query log-sum-exp.
+* ``grad_queries_kernel`` / ``grad_candidates_kernel``: recompute each tile, form dL/dz from the
+  saved lse (and the reverse lse), and accumulate the prepared rows' gradients in fp32 [B, d] /
+  [N, d] buffers, d chunk by d chunk, each row owned by one program (no atomics). The first
+  kernel also sums dL/dz * s for the temperature.
+
+The launchers map the prepared-row gradients back through the normalisation with the
+reference's ``_common.prepare_backward``, in row chunks.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from elva_kernels import _split_select
+from elva_kernels.reference import _common
+from elva_kernels.reference import infonce_loss as reference
+from elva_kernels.triton.rank_statistics import pair_scores
+from elva_kernels.triton.similarity_topk import (
+    BLOCK_K, BLOCK_M, BLOCK_N, NUM_STAGES, NUM_WARPS, _listed, _nonfinite, _score_tile, upcast_for,
+)
+
+
+@triton.jit
+def _logits(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, fn_ptr, fn_width, tau, rows, cols, row_ok, col_ok, dim, stride_q,
+            stride_c, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """(scores, z = scores / tau with -inf at padding and false negatives) of a [BLOCK_M, BLOCK_N] tile."""
+    scores = _score_tile(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, rows, cols, row_ok, col_ok, dim, stride_q, stride_c,
+                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+    skipped = ~(row_ok[:, None] & col_ok[None, :]) | _listed(fn_ptr, rows, row_ok, fn_width, cols, BLOCK_M, BLOCK_N)
+    return scores, tl.where(skipped, float("-inf"), scores / tau)
+
+
+@triton.jit
+def forward_kernel(
+    q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, labels_ptr, fn_ptr, fn_width, tau_ptr,
+    lse_ptr, positive_ptr, nonfinite_ptr,
+    num_queries, num_candidates, dim, stride_q, stride_c,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < num_queries
+    tau = tl.load(tau_ptr)
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    running_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    positive = tl.zeros([BLOCK_M], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for start in range(0, num_candidates, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = cols < num_candidates
+        scores, z = _logits(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, fn_ptr, fn_width, tau, rows, cols, row_ok, col_ok,
+                            dim, stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+        bad = bad | (row_ok[:, None] & col_ok[None, :] & _nonfinite(scores)).to(tl.int32)
+        positive += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
+        new_max = tl.maximum(running_max, tl.max(z, axis=1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row masked so far: no -inf - -inf
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
+        running_max = new_max
+    tl.store(lse_ptr + rows, running_max + tl.log(tl.where(row_ok, running_sum, 1.0)), mask=row_ok)
+    tl.store(positive_ptr + rows, positive, mask=row_ok)
+    tl.atomic_max(nonfinite_ptr, 1, mask=tl.max(tl.max(bad, axis=1), axis=0) > 0)
+
+
+@triton.jit
+def column_lse_kernel(
+    q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, fn_ptr, fn_width, tau_ptr, column_lse_ptr,
+    num_queries, dim, stride_q, stride_c,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < num_queries  # the first B candidates are the positives
+    tau = tl.load(tau_ptr)
+    running_max = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, num_queries, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_ok = rows < num_queries
+        _, z = _logits(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, fn_ptr, fn_width, tau, rows, cols, row_ok, col_ok, dim,
+                       stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+        new_max = tl.maximum(running_max, tl.max(z, axis=0))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(z - shift[None, :]), axis=0)
+        running_max = new_max
+    tl.store(column_lse_ptr + cols, running_max + tl.log(tl.where(col_ok, running_sum, 1.0)), mask=col_ok)
+
+
+@triton.jit
+def _grad_logits(z, rows, cols, row_ok, col_ok, labels, lse, weight, upstream_lse, column_lse_ptr, weight_ptr,
+                 num_queries, SYMMETRIC: tl.constexpr):
+    """dL/dz of a tile (reference.infonce_loss_backward's formula); 0 at masked pairs."""
+    p = tl.exp(z - lse[:, None])
+    grad = (weight + upstream_lse)[:, None] * p - tl.where(cols[None, :] == labels[:, None], weight[:, None], 0.0)
+    if SYMMETRIC:
+        paired = col_ok & (cols < num_queries)
+        column_lse = tl.load(column_lse_ptr + cols, mask=paired, other=float("inf"))
+        column_weight = tl.load(weight_ptr + cols, mask=paired, other=0.0)
+        r = tl.exp(z - column_lse[None, :])
+        grad += column_weight[None, :] * (r - (rows[:, None] == cols[None, :]).to(tl.float32))
+    return tl.where(row_ok[:, None] & col_ok[None, :], grad, 0.0)
+
+
+@triton.jit
+def grad_queries_kernel(
+    q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, labels_ptr, fn_ptr, fn_width, tau_ptr,
+    lse_ptr, weight_ptr, upstream_lse_ptr, column_lse_ptr,
+    grad_q_ptr,  # fp32 [B, dim], zeroed: dL/dq' of the prepared rows
+    grad_tau_ptr,  # fp32 [programs]: this program's sum of dL/dz * s
+    num_queries, num_candidates, dim, stride_q, stride_c,
+    SYMMETRIC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < num_queries
+    tau = tl.load(tau_ptr)
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    weight = tl.load(weight_ptr + rows, mask=row_ok, other=0.0)
+    upstream_lse = tl.load(upstream_lse_ptr + rows, mask=row_ok, other=0.0)
+    grad_tau = tl.zeros([BLOCK_M], dtype=tl.float32)
+    kk = tl.arange(0, BLOCK_K)
+    for start in range(0, num_candidates, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = cols < num_candidates
+        scores, z = _logits(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, fn_ptr, fn_width, tau, rows, cols, row_ok, col_ok,
+                            dim, stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+        grad_z = _grad_logits(z, rows, cols, row_ok, col_ok, labels, lse, weight, upstream_lse, column_lse_ptr,
+                              weight_ptr, num_queries, SYMMETRIC)
+        grad_tau += tl.sum(grad_z * scores, axis=1)
+        # dL/dq'_i = sum_j dL/ds_ij c'_j, with c'_j = c_j * scale_j.
+        c_scale = tl.load(c_scale_ptr + cols, mask=col_ok, other=0.0)
+        grad_s = (grad_z / tau) * c_scale[None, :]
+        for k0 in range(0, dim, BLOCK_K):
+            k = k0 + kk
+            k_ok = k < dim
+            c = tl.load(c_ptr + cols[:, None] * stride_c + k[None, :], mask=col_ok[:, None] & k_ok[None, :],
+                        other=0.0).to(tl.float32)
+            out = grad_q_ptr + rows[:, None] * dim + k[None, :]
+            out_ok = row_ok[:, None] & k_ok[None, :]
+            tl.store(out, tl.load(out, mask=out_ok, other=0.0) + tl.dot(grad_s, c, input_precision="ieee"),
+                     mask=out_ok)
+    tl.store(grad_tau_ptr + tl.program_id(0), tl.sum(grad_tau, axis=0))
+
+
+@triton.jit
+def grad_candidates_kernel(
+    q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, labels_ptr, fn_ptr, fn_width, tau_ptr,
+    lse_ptr, weight_ptr, upstream_lse_ptr, column_lse_ptr,
+    grad_c_ptr,  # fp32 [N, dim], zeroed: dL/dc' of the prepared rows
+    num_queries, num_candidates, dim, stride_q, stride_c,
+    SYMMETRIC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < num_candidates
+    tau = tl.load(tau_ptr)
+    kk = tl.arange(0, BLOCK_K)
+    for start in range(0, num_queries, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_ok = rows < num_queries
+        labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        weight = tl.load(weight_ptr + rows, mask=row_ok, other=0.0)
+        upstream_lse = tl.load(upstream_lse_ptr + rows, mask=row_ok, other=0.0)
+        _, z = _logits(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, fn_ptr, fn_width, tau, rows, cols, row_ok, col_ok, dim,
+                       stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+        grad_z = _grad_logits(z, rows, cols, row_ok, col_ok, labels, lse, weight, upstream_lse, column_lse_ptr,
+                              weight_ptr, num_queries, SYMMETRIC)
+        # dL/dc'_j = sum_i dL/ds_ij q'_i, with q'_i = q_i * scale_i.
+        q_scale = tl.load(q_scale_ptr + rows, mask=row_ok, other=0.0)
+        grad_s = (grad_z / tau) * q_scale[:, None]
+        for k0 in range(0, dim, BLOCK_K):
+            k = k0 + kk
+            k_ok = k < dim
+            q = tl.load(q_ptr + rows[:, None] * stride_q + k[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                        other=0.0).to(tl.float32)
+            out = grad_c_ptr + cols[:, None] * dim + k[None, :]
+            out_ok = col_ok[:, None] & k_ok[None, :]
+            tl.store(out, tl.load(out, mask=out_ok, other=0.0) + tl.dot(tl.trans(grad_s), q, input_precision="ieee"),
+                     mask=out_ok)
+
+
+def _prepared(queries, candidates, false_negatives):
+    queries = _split_select.unit_stride_rows(queries)
+    candidates = _split_select.unit_stride_rows(candidates)
+    fn = false_negatives.contiguous() if false_negatives is not None else None
+    return queries, candidates, fn, _split_select.scales(queries, "cosine"), _split_select.scales(candidates, "cosine")
+
+
+def _common_args(queries, candidates):
+    return dict(UPCAST=upcast_for(queries.dtype, queries.device), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+
+
+def _column_lse(queries, candidates, q_scale, c_scale, fn, temperature):
+    num_queries = queries.shape[0]
+    column_lse = torch.empty(num_queries, dtype=torch.float32, device=queries.device)
+    column_lse_kernel[(triton.cdiv(num_queries, BLOCK_N),)](
+        queries, candidates, q_scale, c_scale, fn if fn is not None else column_lse, fn.shape[1] if fn is not None else 0,
+        temperature, column_lse, num_queries, queries.shape[1], queries.stride(0), candidates.stride(0),
+        **_common_args(queries, candidates),
+    )
+    return column_lse
+
+
+def infonce_loss(queries, candidates, labels, temperature, symmetric, false_negatives):
+    """Launcher of ``elva::infonce_loss_triton``: (loss [B], lse [B]) fp32."""
+    reference.check_ids(queries, candidates, labels, temperature, symmetric, false_negatives)
+    queries, candidates, fn, q_scale, c_scale = _prepared(queries, candidates, false_negatives)
+    num_queries, num_candidates = queries.shape[0], candidates.shape[0]
+    temperature = temperature.detach().float().contiguous()
+    lse = torch.empty(num_queries, dtype=torch.float32, device=queries.device)
+    positive = torch.empty_like(lse)
+    nonfinite = torch.zeros(1, dtype=torch.int32, device=queries.device)
+    forward_kernel[(triton.cdiv(num_queries, BLOCK_M),)](
+        queries, candidates, q_scale, c_scale, labels.contiguous(), fn if fn is not None else labels,
+        fn.shape[1] if fn is not None else 0, temperature, lse, positive, nonfinite,
+        num_queries, num_candidates, queries.shape[1], queries.stride(0), candidates.stride(0),
+        **_common_args(queries, candidates),
+    )
+    if nonfinite.item():
+        _split_select.raise_nonfinite(queries=queries, candidates=candidates)
+    loss = lse - positive
+    if symmetric:
+        loss = (loss + _column_lse(queries, candidates, q_scale, c_scale, fn, temperature) - positive) / 2
+    return loss, lse
+
+
+def infonce_loss_backward(queries, candidates, labels, temperature, symmetric, false_negatives, loss, lse, grad_loss,
+                          grad_lse, output_mask):
+    """Launcher of ``elva::infonce_loss_backward_triton``: the reference backward's formula, tile by tile."""
+    want_q, want_c, want_t = output_mask
+    originals = queries, candidates
+    queries, candidates, fn, q_scale, c_scale = _prepared(queries, candidates, false_negatives)
+    num_queries, num_candidates, dim = queries.shape[0], candidates.shape[0], queries.shape[1]
+    tau = temperature.detach().float().contiguous()
+    weight = (grad_loss / 2 if symmetric else grad_loss).float().contiguous()
+    upstream_lse = grad_lse.float().contiguous()
+    column_lse = lse  # any fp32 pointer when not symmetric
+    if symmetric:
+        # loss_i = (lse_i - z_ii + rlse_i - z_ii) / 2: rlse from the saved outputs and z_ii, O(B d).
+        diagonal = pair_scores(queries, candidates, q_scale, c_scale, torch.arange(num_queries, device=queries.device)
+                               .unsqueeze(1)).squeeze(1)
+        column_lse = (2 * loss - lse + 2 * (diagonal / tau)).contiguous()
+    args = (queries, candidates, q_scale, c_scale, labels.contiguous(), fn if fn is not None else labels,
+            fn.shape[1] if fn is not None else 0, tau, lse.contiguous(), weight, upstream_lse, column_lse)
+    sizes = (num_queries, num_candidates, dim, queries.stride(0), candidates.stride(0))
+    grad_q = grad_c = grad_t = None
+    if want_q or want_t:
+        programs = triton.cdiv(num_queries, BLOCK_M)
+        grad_q_prepared = torch.zeros((num_queries, dim), dtype=torch.float32, device=queries.device)
+        grad_tau_parts = torch.empty(programs, dtype=torch.float32, device=queries.device)
+        grad_queries_kernel[(programs,)](*args, grad_q_prepared, grad_tau_parts, *sizes, SYMMETRIC=symmetric,
+                                         **_common_args(queries, candidates))
+        if want_q:
+            grad_q = _from_prepared(originals[0], grad_q_prepared)
+        if want_t:
+            grad_t = (-grad_tau_parts.double().sum() / tau.double() ** 2).to(temperature.dtype)
+    if want_c:
+        grad_c_prepared = torch.zeros((num_candidates, dim), dtype=torch.float32, device=queries.device)
+        grad_candidates_kernel[(triton.cdiv(num_candidates, BLOCK_N),)](
+            *args, grad_c_prepared, *sizes, SYMMETRIC=symmetric, **_common_args(queries, candidates)
+        )
+        grad_c = _from_prepared(originals[1], grad_c_prepared)
+    return (
+        grad_q if grad_q is not None else originals[0].new_empty(0),
+        grad_c if grad_c is not None else originals[1].new_empty(0),
+        grad_t if grad_t is not None else temperature.new_empty(0),
+    )
+
+
+def _from_prepared(x: torch.Tensor, grad_prepared: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. ``x`` from the gradient w.r.t. its L2-normalised rows, in row chunks."""
+    grad = torch.empty_like(x)
+    for start, stop in _common.candidate_blocks(x.shape[0], x.shape[1]):
+        grad[start:stop] = _common.prepare_backward(x[start:stop], "cosine", grad_prepared[start:stop])
+    return grad
+
+
+_SIZES = {"num_queries": "i32", "num_candidates": "i32", "dim": "i32", "stride_q": "i64", "stride_c": "i64"}
+_TILE = {"UPCAST": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+_TILE_VALUES = {"UPCAST": False, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K}
+
+
+def _rows(dtype):
+    return {"q_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "q_scale_ptr": "*fp32", "c_scale_ptr": "*fp32"}
+
+
+_GRAD_INPUTS = {"labels_ptr": "*i64", "fn_ptr": "*i64", "fn_width": "i32", "tau_ptr": "*fp32", "lse_ptr": "*fp32",
+                "weight_ptr": "*fp32", "upstream_lse_ptr": "*fp32", "column_lse_ptr": "*fp32"}
+AOT_SPECS = []
+for _dtype in ("fp32", "fp16", "bf16"):
+    AOT_SPECS += [
+        (forward_kernel, {**_rows(_dtype), "labels_ptr": "*i64", "fn_ptr": "*i64", "fn_width": "i32",
+                          "tau_ptr": "*fp32", "lse_ptr": "*fp32", "positive_ptr": "*fp32", "nonfinite_ptr": "*i32",
+                          **_SIZES, **_TILE}, _TILE_VALUES),
+        (column_lse_kernel, {**_rows(_dtype), "fn_ptr": "*i64", "fn_width": "i32", "tau_ptr": "*fp32",
+                             "column_lse_ptr": "*fp32", "num_queries": "i32", "dim": "i32", "stride_q": "i64",
+                             "stride_c": "i64", **_TILE}, _TILE_VALUES),
+        (grad_queries_kernel, {**_rows(_dtype), **_GRAD_INPUTS, "grad_q_ptr": "*fp32", "grad_tau_ptr": "*fp32",
+                               **_SIZES, "SYMMETRIC": "constexpr", **_TILE}, {"SYMMETRIC": True, **_TILE_VALUES}),
+        (grad_candidates_kernel, {**_rows(_dtype), **_GRAD_INPUTS, "grad_c_ptr": "*fp32", **_SIZES,
+                                  "SYMMETRIC": "constexpr", **_TILE}, {"SYMMETRIC": True, **_TILE_VALUES}),
+    ]

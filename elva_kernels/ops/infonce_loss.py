@@ -13,7 +13,12 @@ REDUCTIONS = ("mean", "sum", "none")
 
 _dispatch.register(
     OP,
-    [_dispatch.Backend("triton", OP, devices=("cuda", "cpu")), _dispatch.Backend("torch", OP, devices=("cpu", "cuda"))],
+    [
+        _dispatch.Backend("triton", OP, devices=("cuda", "cpu")),
+        _dispatch.Backend("cuda", OP, devices=("cuda",)),
+        _dispatch.Backend("cpu", OP, devices=("cpu",)),
+        _dispatch.Backend("torch", OP, devices=("cpu", "cuda")),
+    ],
 )
 
 
@@ -89,8 +94,12 @@ def infonce_loss(
         lse = z.logsumexp(1)
 
     Backends and limits:
+        triton (CUDA; CPU tensors only under the interpreter): ``triton/infonce_loss.py``, tl.dot
+        score tiles with fp32 accumulation; the backward adds fp32 [B, d] and [N, d] gradient
+        accumulators. cuda / cpu: ``csrc/cuda|cpu/infonce_loss.*``, the same scheme.
         torch (CPU, CUDA): ``reference/infonce_loss.py``, score tiles with fp64-accumulated dot
         products rounded to fp32. Indices are int64 throughout, so B * N may exceed 2**31.
+        Each backend's backward is its own op, ``elva::infonce_loss_backward_<backend>``.
 
     Example:
         >>> q, c = torch.randn(4, 8, requires_grad=True), torch.randn(10, 8)

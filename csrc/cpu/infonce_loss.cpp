@@ -73,12 +73,12 @@ struct Problem {
   bool symmetric;
   const int64_t* fn;
   int64_t fn_cols;
-  int64_t panels, blocks;
-  Kernel kernel;
-  Widen widen;
-  std::vector<float> cdiv;   // max(||c||, eps) per candidate
-  std::vector<float> craw;   // ||c||
-  bool parallel;
+  int64_t panels = 0, blocks = 0;
+  Kernel kernel = nullptr;
+  Widen widen = nullptr;
+  std::vector<float> cdiv{};  // max(||c||, eps) per candidate
+  std::vector<float> craw{};  // ||c||
+  bool parallel = false;
 };
 
 // Per-thread buffers: one query panel (prepared rows, packed, raw norms), one candidate block (widened), its tail

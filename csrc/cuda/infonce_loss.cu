@@ -308,7 +308,7 @@ constexpr int kRowWarps = 8;
 constexpr int64_t kMaxRowBlocks = 1 << 16;
 
 template <typename T, int kVec>
-__global__ void __launch_bounds__(kRowWarps * kWarpSize)
+__global__ void __launch_bounds__(kRowWarps * kWarpSize, 1)
     inv_norm_kernel(const T* __restrict__ x, int64_t rows, int64_t dim, int64_t stride, float* __restrict__ scale,
                     unsigned long long* __restrict__ nonfinite) {
   using InPack = Pack<T, kVec>;
@@ -504,7 +504,7 @@ __global__ void __launch_bounds__(kThreads) column_lse_kernel(const Args a) {
 
 // Symmetric: rlse_i = 2 loss_i - lse_i + 2 z_ii (fp64, rounded to fp32), z_ii from the diagonal tile.
 template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads) diagonal_kernel(const Args a) {
+__global__ void __launch_bounds__(kThreads, 1) diagonal_kernel(const Args a) {
   __shared__ __align__(16) unsigned char gemm[kGemmBytes];
   __shared__ __align__(16) float scores[kTile * kScoreLd];
   const InfoNceProblem& p = a.p;

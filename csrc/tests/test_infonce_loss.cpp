@@ -2,6 +2,7 @@
 // materialised score matrix: ragged shapes, extra negatives, symmetric, false negatives, small temperatures,
 // fp32/fp16/bf16 inputs (the double oracle sees the same rounded inputs), NaN/Inf detection, and every kernel
 // (ELVA_CPU_ISA=scalar|avx2|default).
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>

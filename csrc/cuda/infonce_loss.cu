@@ -34,11 +34,22 @@
 #include <type_traits>
 
 #include "elva/cuda/device.cuh"
+#include "elva/cuda/score_tile.cuh"
 
 namespace elva {
 namespace {
 
 using device::kWarpSize;
+using tiles::kChunkF32;
+using tiles::kChunkHalf;
+using tiles::kF32Ld;
+using tiles::kHalfLd;
+using tiles::kScoreLd;
+using tiles::kThreads;
+using tiles::kTile;
+using tiles::kWarps;
+using tiles::score_tile_f32;
+using tiles::score_tile_half;
 using device::Pack;
 using device::to_float;
 using device::warp_max;
@@ -46,22 +57,14 @@ using device::warp_sum;
 
 constexpr float kNormEps = 1e-12f;
 
-constexpr int kTile = 64;
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kRowsPerWarp = kTile / kWarps;  // 8
-constexpr int kScoreLd = kTile + 4;           // floats; a multiple of 4 for wmma::store_matrix_sync
 
-constexpr int kChunkF32 = 32;
-constexpr int kF32Ld = kTile + 1;
-constexpr int kChunkHalf = 64;
-constexpr int kHalfLd = kChunkHalf + 8;
 
 constexpr size_t kTileBytes = sizeof(float) * kTile * kScoreLd;
 // The gemm buffer also holds one widened [64 x 64] source chunk (ld kScoreLd) of the gradient products.
-constexpr size_t kGemmBytes =
+constexpr size_t kGemmBytesWithSource =
     std::max({sizeof(float) * 2 * kChunkF32 * kF32Ld, sizeof(uint16_t) * 2 * kTile * kHalfLd, kTileBytes});
-static_assert(kGemmBytes % 16 == 0 && kTileBytes % 16 == 0, "smem alignment");
+static_assert(kGemmBytesWithSource % 16 == 0 && kTileBytes % 16 == 0, "smem alignment");
 
 // Workspace parts are 256-byte aligned.
 constexpr size_t kAlign = 256;
@@ -106,141 +109,6 @@ __device__ __forceinline__ __half from_float<__half>(float v) {
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Score tiles (split_select.cu's routine): scores[r * kScoreLd + c] = raw dot of query row r and candidate row
-// c (rows past the counts read as zero). Called by all 256 threads; begins and ends with a barrier.
-
-template <bool kVec>
-__device__ __forceinline__ void load_chunk_f32(const float* __restrict__ src, int64_t stride, int rows, int64_t d,
-                                               int64_t k0, float* __restrict__ dst) {
-  if constexpr (kVec) {
-    constexpr int kPerRow = kChunkF32 / 4;
-    for (int idx = threadIdx.x; idx < kTile * kPerRow; idx += kThreads) {
-      const int row = idx / kPerRow, v = idx % kPerRow;
-      const int64_t k = k0 + 4 * v;
-      float4 value = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (row < rows && k < d) value = *reinterpret_cast<const float4*>(src + row * stride + k);
-      dst[(4 * v + 0) * kF32Ld + row] = value.x;
-      dst[(4 * v + 1) * kF32Ld + row] = value.y;
-      dst[(4 * v + 2) * kF32Ld + row] = value.z;
-      dst[(4 * v + 3) * kF32Ld + row] = value.w;
-    }
-  } else {
-    for (int idx = threadIdx.x; idx < kTile * kChunkF32; idx += kThreads) {
-      const int row = idx / kChunkF32, kk = idx % kChunkF32;
-      const int64_t k = k0 + kk;
-      dst[kk * kF32Ld + row] = (row < rows && k < d) ? src[row * stride + k] : 0.0f;
-    }
-  }
-}
-
-template <bool kVec>
-__device__ void score_tile_f32(const float* __restrict__ q, int64_t q_stride, int q_rows,
-                               const float* __restrict__ c, int64_t c_stride, int c_rows, int64_t d,
-                               unsigned char* gemm, float* __restrict__ scores) {
-  float* qs = reinterpret_cast<float*>(gemm);
-  float* cs = qs + kChunkF32 * kF32Ld;
-  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
-  float acc[4][4];
-#pragma unroll
-  for (int a = 0; a < 4; ++a) {
-#pragma unroll
-    for (int b = 0; b < 4; ++b) acc[a][b] = 0.0f;
-  }
-  __syncthreads();
-  for (int64_t k0 = 0; k0 < d; k0 += kChunkF32) {
-    load_chunk_f32<kVec>(q, q_stride, q_rows, d, k0, qs);
-    load_chunk_f32<kVec>(c, c_stride, c_rows, d, k0, cs);
-    __syncthreads();
-#pragma unroll 8
-    for (int kk = 0; kk < kChunkF32; ++kk) {
-      float qv[4], cv[4];
-#pragma unroll
-      for (int a = 0; a < 4; ++a) qv[a] = qs[kk * kF32Ld + ty + 16 * a];
-#pragma unroll
-      for (int b = 0; b < 4; ++b) cv[b] = cs[kk * kF32Ld + tx + 16 * b];
-#pragma unroll
-      for (int a = 0; a < 4; ++a) {
-#pragma unroll
-        for (int b = 0; b < 4; ++b) acc[a][b] = fmaf(qv[a], cv[b], acc[a][b]);
-      }
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int a = 0; a < 4; ++a) {
-#pragma unroll
-    for (int b = 0; b < 4; ++b) scores[(ty + 16 * a) * kScoreLd + tx + 16 * b] = __fadd_rn(acc[a][b], 0.0f);
-  }
-  __syncthreads();
-}
-
-template <bool kVec>
-__device__ __forceinline__ void load_chunk_half(const uint16_t* __restrict__ src, int64_t stride, int rows,
-                                                int64_t d, int64_t k0, uint16_t* __restrict__ dst) {
-  if constexpr (kVec) {
-    constexpr int kPerRow = kChunkHalf / 8;
-    for (int idx = threadIdx.x; idx < kTile * kPerRow; idx += kThreads) {
-      const int row = idx / kPerRow, v = idx % kPerRow;
-      const int64_t k = k0 + 8 * v;
-      uint4 value = make_uint4(0u, 0u, 0u, 0u);
-      if (row < rows && k < d) value = *reinterpret_cast<const uint4*>(src + row * stride + k);
-      *reinterpret_cast<uint4*>(dst + row * kHalfLd + 8 * v) = value;
-    }
-  } else {
-#pragma unroll 4
-    for (int idx = threadIdx.x; idx < kTile * kChunkHalf; idx += kThreads) {
-      const int row = idx / kChunkHalf, kk = idx % kChunkHalf;
-      const int64_t k = k0 + kk;
-      dst[row * kHalfLd + kk] = (row < rows && k < d) ? src[row * stride + k] : uint16_t{0};
-    }
-  }
-}
-
-template <typename T>
-using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major>;
-template <typename T>
-using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major>;
-using FragAcc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
-
-template <typename T, bool kVec>
-__device__ void score_tile_half(const uint16_t* __restrict__ q, int64_t q_stride, int q_rows,
-                                const uint16_t* __restrict__ c, int64_t c_stride, int c_rows, int64_t d,
-                                unsigned char* gemm, float* __restrict__ scores) {
-  uint16_t* qs = reinterpret_cast<uint16_t*>(gemm);
-  uint16_t* cs = qs + kTile * kHalfLd;
-  const int warp = threadIdx.x / kWarpSize;
-  const int qf = warp / 2, cf0 = (warp % 2) * 2;
-  FragAcc acc[2];
-  nvcuda::wmma::fill_fragment(acc[0], 0.0f);
-  nvcuda::wmma::fill_fragment(acc[1], 0.0f);
-  __syncthreads();
-  for (int64_t k0 = 0; k0 < d; k0 += kChunkHalf) {
-    load_chunk_half<kVec>(q, q_stride, q_rows, d, k0, qs);
-    load_chunk_half<kVec>(c, c_stride, c_rows, d, k0, cs);
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kChunkHalf / 16; ++kk) {
-      FragA<T> a;
-      nvcuda::wmma::load_matrix_sync(a, reinterpret_cast<const T*>(qs + qf * 16 * kHalfLd + kk * 16), kHalfLd);
-#pragma unroll
-      for (int b = 0; b < 2; ++b) {
-        FragB<T> bf;
-        nvcuda::wmma::load_matrix_sync(bf, reinterpret_cast<const T*>(cs + (cf0 + b) * 16 * kHalfLd + kk * 16),
-                                       kHalfLd);
-        nvcuda::wmma::mma_sync(acc[b], a, bf, acc[b]);
-      }
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int b = 0; b < 2; ++b) {
-    nvcuda::wmma::store_matrix_sync(scores + qf * 16 * kScoreLd + (cf0 + b) * 16, acc[b], kScoreLd,
-                                    nvcuda::wmma::mem_row_major);
-  }
-  __syncthreads();
 }
 
 template <typename T, bool kVec>
@@ -376,7 +244,7 @@ __global__ void __launch_bounds__(kRowWarps * kWarpSize)
 
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const Args a) {
-  __shared__ __align__(16) unsigned char gemm[kGemmBytes];
+  __shared__ __align__(16) unsigned char gemm[kGemmBytesWithSource];
   __shared__ __align__(16) float scores[kTile * kScoreLd];
   __shared__ float row_scale[kTile];
   __shared__ long long row_label[kTile];
@@ -445,7 +313,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Args a) {
 // Symmetric: the candidate -> query lse of the first B candidates; finalises loss (which holds z_jj).
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) column_lse_kernel(const Args a) {
-  __shared__ __align__(16) unsigned char gemm[kGemmBytes];
+  __shared__ __align__(16) unsigned char gemm[kGemmBytesWithSource];
   __shared__ __align__(16) float scores[kTile * kScoreLd];
   __shared__ float column_scale[kTile];
   const InfoNceProblem& p = a.p;
@@ -505,7 +373,7 @@ __global__ void __launch_bounds__(kThreads) column_lse_kernel(const Args a) {
 // Symmetric: rlse_i = 2 loss_i - lse_i + 2 z_ii (fp64, rounded to fp32), z_ii from the diagonal tile.
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads, 1) diagonal_kernel(const Args a) {
-  __shared__ __align__(16) unsigned char gemm[kGemmBytes];
+  __shared__ __align__(16) unsigned char gemm[kGemmBytesWithSource];
   __shared__ __align__(16) float scores[kTile * kScoreLd];
   const InfoNceProblem& p = a.p;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTile;
@@ -607,7 +475,7 @@ __device__ __forceinline__ void store_block_sum(double value, double* out) {
 
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) grad_queries_kernel(const Args a) {
-  __shared__ __align__(16) unsigned char gemm[kGemmBytes];
+  __shared__ __align__(16) unsigned char gemm[kGemmBytesWithSource];
   __shared__ __align__(16) float scores[kTile * kScoreLd];
   __shared__ long long row_label[kTile];
   __shared__ float row_lse[kTile], row_weight[kTile], row_upstream[kTile], row_scale[kTile];
@@ -676,7 +544,7 @@ __global__ void __launch_bounds__(kThreads) grad_queries_kernel(const Args a) {
 
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) grad_candidates_kernel(const Args a) {
-  __shared__ __align__(16) unsigned char gemm[kGemmBytes];
+  __shared__ __align__(16) unsigned char gemm[kGemmBytesWithSource];
   __shared__ __align__(16) float scores[kTile * kScoreLd];
   const InfoNceProblem& p = a.p;
   const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;

@@ -11,16 +11,14 @@
 #include <vector>
 
 #include "elva/cuda/elva_rewards.cuh"
+#include "cuda_harness.h"
 #include "harness.h"
 
 namespace {
 
-void check_cuda(cudaError_t status, const char* call) {
-  if (status == cudaSuccess) return;
-  std::printf("%s failed: %s\n", call, cudaGetErrorString(status));
-  std::exit(1);
-}
-#define CUDA_OK(call) check_cuda((call), #call)
+using elva::test::to_device;
+using elva::test::to_host;
+
 
 struct Case {
   const char* name;
@@ -173,20 +171,6 @@ Outputs host_reference(const Case& k, const Inputs& in) {
   return out;
 }
 
-template <typename V>
-V* to_device(const std::vector<V>& host) {
-  V* device = nullptr;
-  CUDA_OK(cudaMalloc(&device, std::max<size_t>(host.size() * sizeof(V), 1)));
-  if (!host.empty()) CUDA_OK(cudaMemcpy(device, host.data(), host.size() * sizeof(V), cudaMemcpyHostToDevice));
-  return device;
-}
-
-template <typename V>
-std::vector<V> from_device(const V* device, size_t count) {
-  std::vector<V> host(count);
-  if (count) CUDA_OK(cudaMemcpy(host.data(), device, count * sizeof(V), cudaMemcpyDeviceToHost));
-  return host;
-}
 
 Outputs run_on_device(const Case& k, const Inputs& in) {
   const int64_t n = k.B * k.G;
@@ -235,10 +219,10 @@ Outputs run_on_device(const Case& k, const Inputs& in) {
   CUDA_OK(cudaDeviceSynchronize());
 
   Outputs out;
-  out.total = from_device(total, n), out.margin = from_device(margin, n);
-  out.rank_reward = from_device(rank_reward, n), out.advantages = from_device(advantages, n);
-  out.rank = from_device(rank, n);
-  if (k.return_scores) out.scores = from_device(scores, n * k.C);
+  out.total = to_host(total, n), out.margin = to_host(margin, n);
+  out.rank_reward = to_host(rank_reward, n), out.advantages = to_host(advantages, n);
+  out.rank = to_host(rank, n);
+  if (k.return_scores) out.scores = to_host(scores, n * k.C);
   CUDA_OK(cudaMemcpy(out.errors, errors, sizeof(out.errors), cudaMemcpyDeviceToHost));
   for (void* p : {query, cand, static_cast<void*>(positive), static_cast<void*>(mask), static_cast<void*>(total),
                   static_cast<void*>(margin), static_cast<void*>(rank_reward), static_cast<void*>(advantages),

@@ -15,33 +15,17 @@
 #include <vector>
 
 #include "elva/cuda/infonce_loss.cuh"
+#include "cuda_harness.h"
 #include "harness.h"
 
 namespace {
 
+using elva::test::to_device;
+using elva::test::to_host;
+
 using elva::DType;
 
-void check_cuda(cudaError_t status, const char* call) {
-  if (status == cudaSuccess) return;
-  std::printf("%s failed: %s\n", call, cudaGetErrorString(status));
-  std::exit(1);
-}
-#define CUDA_OK(call) check_cuda((call), #call)
 
-template <typename T>
-T* to_device(const std::vector<T>& host) {
-  T* device = nullptr;
-  CUDA_OK(cudaMalloc(&device, std::max<size_t>(host.size() * sizeof(T), 1)));
-  if (!host.empty()) CUDA_OK(cudaMemcpy(device, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return device;
-}
-
-template <typename T>
-std::vector<T> to_host(const T* device, size_t count) {
-  std::vector<T> host(count);
-  CUDA_OK(cudaMemcpy(host.data(), device, count * sizeof(T), cudaMemcpyDeviceToHost));
-  return host;
-}
 
 // Values k / 64 (|k| <= 64) are exact in fp16 and bf16: encode them from their fp32 bits.
 uint16_t half_bits(float v, DType dtype) {

@@ -3,17 +3,11 @@
 
 #include <cstdlib>
 
+#include "cuda_harness.h"
 #include "elva/cuda/l2_normalize.cuh"
 #include "l2_normalize_cases.h"
 
 namespace {
-
-void check_cuda(cudaError_t status, const char* call) {
-  if (status == cudaSuccess) return;
-  std::printf("%s failed: %s\n", call, cudaGetErrorString(status));
-  std::exit(1);
-}
-#define CUDA_OK(call) check_cuda((call), #call)
 
 // Copies x to the device, runs the launcher on the default stream and copies the results back.
 int64_t run_on_device(const void* x, size_t x_bytes, elva::DType dtype, int64_t rows, int64_t dim, int64_t row_stride,

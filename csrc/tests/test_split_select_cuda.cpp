@@ -14,33 +14,17 @@
 #include <vector>
 
 #include "elva/cuda/split_select.cuh"
+#include "cuda_harness.h"
 #include "harness.h"
 
 namespace {
 
+using elva::test::to_device;
+using elva::test::to_host;
+
 constexpr int64_t kMin = std::numeric_limits<int64_t>::min();
 
-void check_cuda(cudaError_t status, const char* call) {
-  if (status == cudaSuccess) return;
-  std::printf("%s failed: %s\n", call, cudaGetErrorString(status));
-  std::exit(1);
-}
-#define CUDA_OK(call) check_cuda((call), #call)
 
-template <typename T>
-T* to_device(const std::vector<T>& host) {
-  T* device = nullptr;
-  CUDA_OK(cudaMalloc(&device, std::max<size_t>(host.size() * sizeof(T), 1)));
-  if (!host.empty()) CUDA_OK(cudaMemcpy(device, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return device;
-}
-
-template <typename T>
-std::vector<T> to_host(const T* device, size_t count) {
-  std::vector<T> host(count);
-  CUDA_OK(cudaMemcpy(host.data(), device, count * sizeof(T), cudaMemcpyDeviceToHost));
-  return host;
-}
 
 uint32_t bits(float v) {
   uint32_t b;

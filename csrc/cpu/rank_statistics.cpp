@@ -205,23 +205,10 @@ RankStatisticsStatus rank_statistics_cpu(const void* queries, int64_t query_stri
       }
       const float* rows = widen ? my_rows : reinterpret_cast<const float*>(cbytes + n0 * candidate_stride * esize);
       const int64_t ld = widen ? d : candidate_stride;
-      const int64_t full_groups = nb / CR;
-      const int64_t groups = (nb + CR - 1) / CR;
-      if (groups > full_groups) {
-        if (use16) {
-          std::fill(tail_bf16.begin(), tail_bf16.end(), uint16_t{0});
-          std::copy_n(my_rows16 + full_groups * CR * 2 * d2, (nb - full_groups * CR) * 2 * d2, tail_bf16.data());
-        } else {
-          std::fill(tail.begin(), tail.end(), 0.0f);
-          for (int64_t r = full_groups * CR; r < nb; ++r) {
-            std::copy_n(rows + r * ld, d, tail.data() + (r - full_groups * CR) * d);
-          }
-        }
-      }
+      const Block tiles_of_block = make_block(rows, ld, my_rows16, nb, d, use16, tail.data(), tail_bf16.data());
       for (int64_t panel = panel0; panel < panel1; ++panel) {
         score_panel(kernel, use16, packed_queries.data() + panel * d * QP, packed_queries_bf16.data() + panel * d2 * 2 * QP,
-                    {rows, ld, tail.data(), my_rows16, tail_bf16.data(), full_groups, groups}, d, tile.data(),
-                    static_cast<int64_t>(tile.size()));
+                    tiles_of_block, d, tile.data(), static_cast<int64_t>(tile.size()));
         // Padded query lanes get +inf targets, so they never count nor pass.
         for (int64_t i = 0; i < QP; ++i) {
           const int64_t b = panel * QP + i;

@@ -267,6 +267,24 @@ Dot pick_dot() {
   return __builtin_cpu_supports("avx512f") ? canonical_dot_avx512 : canonical_dot_portable;
 }
 
+Block make_block(const float* rows, int64_t ld, const uint16_t* rows16, int64_t nb, int64_t d, bool bf16, float* tail,
+                 uint16_t* tail16) {
+  const int64_t full_groups = nb / CR;
+  const int64_t groups = (nb + CR - 1) / CR;
+  const int64_t partial = nb - full_groups * CR;
+  if (groups > full_groups) {
+    if (bf16) {
+      const int64_t pairs = 2 * ((d + 1) / 2);
+      std::fill(tail16, tail16 + CR * pairs, uint16_t{0});
+      std::copy_n(rows16 + full_groups * CR * pairs, partial * pairs, tail16);
+    } else {
+      std::fill(tail, tail + CR * d, 0.0f);
+      for (int64_t r = 0; r < partial; ++r) std::copy_n(rows + (full_groups * CR + r) * ld, d, tail + r * d);
+    }
+  }
+  return {rows, ld, tail, rows16, tail16, full_groups, groups};
+}
+
 void score_panel(Kernel kernel, bool bf16, const float* qpanel, const uint16_t* qpanel16, const Block& block,
                  int64_t d, float* tile, int64_t tile_size) {
   const int64_t d2 = (d + 1) / 2;

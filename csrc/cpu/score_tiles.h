@@ -83,6 +83,11 @@ struct Block {
   int64_t groups;
 };
 
+// The Block of nb prepared rows (fp32 at rows with stride ld, or bf16 pairs at rows16 with stride 2 * d2 when
+// `bf16`): copies the partial last group, zero-padded, into tail or tail16 (each sized for CR rows).
+Block make_block(const float* rows, int64_t ld, const uint16_t* rows16, int64_t nb, int64_t d, bool bf16, float* tail,
+                 uint16_t* tail16);
+
 // Screened scores of one QP-query panel against a block -> tile[j * QP + i] for the block's CR-padded rows.
 // With `bf16` the panel is qpanel16 (packed bf16 pairs, d2 = (d + 1) / 2 of them), else qpanel (packed fp32).
 void score_panel(Kernel kernel, bool bf16, const float* qpanel, const uint16_t* qpanel16, const Block& block,

@@ -190,25 +190,12 @@ SimilarityTopkStatus similarity_topk_cpu(const void* queries, int64_t query_stri
     // Scores query panels [panel0, panel1) against the block and folds the tiles into `my_states` (B entries).
     const auto score_block = [&](int64_t n0, int64_t nb, const float* rows, int64_t ld, const float* block_norms,
                                  int64_t panel0, int64_t panel1, TopkState* my_states) {
-      const int64_t full_groups = nb / CR;
-      const int64_t groups = (nb + CR - 1) / CR;
       const int64_t slot0 = block_norms - norms.data();
-      const uint16_t* rows16 = rows_bf16.data() + slot0 * 2 * d2;
-      if (groups > full_groups) {
-        if (screen) {
-          std::fill(tail_bf16.begin(), tail_bf16.end(), uint16_t{0});
-          std::copy_n(rows16 + full_groups * CR * 2 * d2, (nb - full_groups * CR) * 2 * d2, tail_bf16.data());
-        } else {
-          std::fill(tail.begin(), tail.end(), 0.0f);
-          for (int64_t r = full_groups * CR; r < nb; ++r) {
-            std::copy_n(rows + r * ld, d, tail.data() + (r - full_groups * CR) * d);
-          }
-        }
-      }
+      const Block block = make_block(rows, ld, rows_bf16.data() + slot0 * 2 * d2, nb, d, screen, tail.data(),
+                                     tail_bf16.data());
       for (int64_t panel = panel0; panel < panel1; ++panel) {
         score_panel(kernel, screen, packed_queries.data() + panel * d * QP, packed_queries_bf16.data() + panel * d2 * 2 * QP,
-                    {rows, ld, tail.data(), rows16, tail_bf16.data(), full_groups, groups}, d, tile.data(),
-                    static_cast<int64_t>(tile.size()));
+                    block, d, tile.data(), static_cast<int64_t>(tile.size()));
         // Fold the tile into the running top-k of the panel's queries; padded query lanes never pass.
         for (int64_t i = 0; i < QP; ++i) {
           const int64_t b = panel * QP + i;

@@ -1,0 +1,1 @@
+"""Data readers (M-BEIR, NLI pairs) and the synthetic multi-grain benchmark generator."""

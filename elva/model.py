@@ -3,7 +3,8 @@
 An input (text, image, or both) becomes a two-turn chat, rendered exactly as Qwen2-VL's chat template does::
 
     <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n
-    <|im_start|>user\\n[<|vision_start|><|image_pad|>*n<|vision_end|>]{text}\\nSummarize above image and sentence in one word: <|im_end|>\\n
+    <|im_start|>user\\n[<|vision_start|><|image_pad|>*n<|vision_end|>]{text}\\n
+        Summarize above image and sentence in one word: <|im_end|>\\n      (one line, wrapped here)
     <|im_start|>assistant\\n<emb>.<|im_end|>\\n
 
 ("image and sentence" becomes "image" or "sentence" for a single modality; a query's task instruction is prefixed to

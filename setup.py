@@ -63,7 +63,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["elva_kernels", "elva_kernels.*", "elva", "elva.*"]),
     # Any installed torch >= 2.6 satisfies this, so pip keeps it; a pin it missed would fetch a CUDA torch of GBs.
-    install_requires=["torch>=2.6", "numpy", "tqdm", "pyyaml"],
+    install_requires=[
+        "torch>=2.6", "numpy", "tqdm", "pyyaml", "pillow", "safetensors", "transformers>=5.17", "peft>=0.17",
+    ],
     extras_require={
         "gpu": ["flash-attn"],
         "dev": [

@@ -1,29 +1,129 @@
-"""The ``elva`` command."""
+"""The ``elva`` command: data, training, evaluation, mining, environment report and the demo."""
 from __future__ import annotations
 
 import argparse
+import logging
+from pathlib import Path
+
+
+def _embedder(model: str | None, seed: int):
+    """A saved model folder, or the built-in tiny model (untrained) when none is given."""
+    from elva.model import ElvaEmbedder
+
+    return ElvaEmbedder.from_pretrained(model) if model else ElvaEmbedder.tiny(seed=seed)
+
+
+def _make_data(args) -> None:
+    from elva.data.synthetic import make_multigrain
+
+    manifest = make_multigrain(Path(args.out), seed=args.seed, scenes=args.scenes, image_size=args.image_size)
+    print(f"synthetic multi-grain benchmark in {manifest.root}")
+
+
+def _train(args) -> None:
+    from elva.config import load_config
+    from elva.train.contrastive import run_training
+
+    variables = {"data_dir": args.data_dir} if args.data_dir else None
+    print(f"model: {run_training(load_config(args.config, args.overrides, variables))}")
+
+
+def _eval(args) -> None:
+    from elva.eval import evaluate, format_table
+
+    result = evaluate(_embedder(args.model, args.seed), args.data, args.out, batch_size=args.batch_size,
+                      split=args.split)
+    for name in ("recall", "multigrain", "grains"):
+        if result.get(name):
+            print(f"\n{name}\n{format_table(result[name])}")
+
+
+def _mine(args) -> None:
+    from elva.mine import mine
+
+    path = mine(_embedder(args.model, args.seed), args.data, args.out, split=args.split, n_hard=args.n_hard,
+                n_random=args.n_random, max_score=args.max_score, seed=args.seed, batch_size=args.batch_size)
+    print(f"negatives: {path}")
+
+
+def _info(args) -> None:
+    import sys
+
+    import torch
+
+    import elva_kernels
+    from elva.model import resolve_attention
+
+    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, "
+          f"device {'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
+    print(f"attention implementation: {resolve_attention('auto')}\n")
+    elva_kernels.info()
+
+
+def _kernels(args) -> None:
+    from elva import kernel_demo
+
+    kernel_demo.run(args.queries, args.candidates, args.dim, args.k, seed=args.seed)
+
+
+def _demo(args) -> None:
+    import time
+
+    from elva import demo
+
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    demo.run(run_dir, seed=args.seed, scenes=args.scenes)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="elva", description="ELVA retrieval kernels and trainer")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="elva", description="ELVA: ranking-driven multimodal retrieval")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="kernel demo on a synthetic retrieval problem")
-    demo.add_argument("--queries", type=int, default=512)
-    demo.add_argument("--candidates", type=int, default=100_000)
-    demo.add_argument("--dim", type=int, default=128)
-    demo.add_argument("--k", type=int, default=10)
-    demo.add_argument("--seed", type=int, default=0)
-    commands.add_parser("info", help="which backend serves each op here, and why the others cannot")
+
+    make_data = commands.add_parser("make-data", help="write the synthetic multi-grain benchmark (M-BEIR format)")
+    make_data.add_argument("--out", required=True)
+    make_data.add_argument("--scenes", type=int, default=200)
+    make_data.add_argument("--image-size", type=int, default=56)
+    make_data.set_defaults(run=_make_data)
+
+    train = commands.add_parser("train", help="a training stage, chosen by the config (train.stage)")
+    train.add_argument("--config", required=True)
+    train.add_argument("--data-dir", help="fills ${data_dir} in the config (e.g. the folder of elva make-data)")
+    train.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=1e-4 train.resume=true")
+    train.set_defaults(run=_train)
+
+    for name, helptext, run in (("eval", "Recall@k, multi-grain R@5 and grain sensitivity", _eval),
+                                ("mine", "balanced negatives (A5) per query, cached as jsonl", _mine)):
+        sub = commands.add_parser(name, help=helptext)
+        sub.add_argument("--data", required=True, help="a synthetic root (manifest.json) or an M-BEIR folder")
+        sub.add_argument("--model", help="a saved model folder (default: the untrained tiny model)")
+        sub.add_argument("--out", required=True)
+        sub.add_argument("--split", default="test" if name == "eval" else "train")
+        sub.add_argument("--batch-size", type=int, default=32)
+        sub.set_defaults(run=run)
+        if name == "mine":
+            sub.add_argument("--n-hard", type=int, default=50)
+            sub.add_argument("--n-random", type=int, default=50)
+            sub.add_argument("--max-score", type=float, default=None, help="skip near-duplicates above this cosine")
+
+    commands.add_parser("info", help="versions, device, attention, and the backend of each op").set_defaults(run=_info)
+
+    kernels = commands.add_parser("kernels", help="every op's reference against the backend auto picks here")
+    kernels.add_argument("--queries", type=int, default=512)
+    kernels.add_argument("--candidates", type=int, default=100_000)
+    kernels.add_argument("--dim", type=int, default=128)
+    kernels.add_argument("--k", type=int, default=10)
+    kernels.set_defaults(run=_kernels)
+
+    demo = commands.add_parser("demo", help="the whole pipeline on the tiny model and synthetic data (CPU, minutes)")
+    demo.add_argument("--run-dir", help="default: runs/demo-<date>-<time>")
+    demo.add_argument("--scenes", type=int, default=200)
+    demo.set_defaults(run=_demo)
+
+    for sub in (make_data, kernels, demo, *(commands.choices[n] for n in ("eval", "mine"))):
+        sub.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-
-    if args.command == "demo":
-        from elva import demo as demo_module
-
-        demo_module.run(args.queries, args.candidates, args.dim, args.k, seed=args.seed)
-    elif args.command == "info":
-        import elva_kernels
-
-        elva_kernels.info()
+    args.run(args)
     return 0
 
 

@@ -1,0 +1,31 @@
+"""The `elva` command's data, evaluation, mining and info subcommands on a tiny synthetic set."""
+import json
+
+from elva.cli import main
+from elva.data.mbeir import load_pool, load_queries
+
+
+def test_make_data_eval_and_mine(tmp_path, capsys):
+    data = tmp_path / "data"
+    assert main(["make-data", "--out", str(data), "--scenes", "40"]) == 0
+    assert main(["eval", "--data", str(data), "--out", str(tmp_path / "eval")]) == 0
+    assert (tmp_path / "eval" / "recall.tsv").is_file() and (tmp_path / "eval" / "grains.json").is_file()
+    out = tmp_path / "negatives.jsonl"
+    assert main(["mine", "--data", str(data), "--out", str(out), "--n-hard", "5", "--n-random", "3"]) == 0
+    pool = load_pool(data / "cand_pool" / "global" / "mbeir_multigrain_train_cand_pool.jsonl")
+    queries = {q.qid: q for q in load_queries(data / "query" / "train" / "mbeir_multigrain_task0_train.jsonl")}
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["qid"] for r in records} >= set(queries)
+    for record in records:
+        assert len(record["hard"]) == 5 and len(record["random"]) == 3
+        assert not set(record["hard"]) & set(record["random"])
+        assert set(record["hard"] + record["random"]) <= set(pool)
+        if record["qid"] in queries:
+            assert not set(record["hard"] + record["random"]) & set(queries[record["qid"]].pos_cand_list)
+    assert "recall" in capsys.readouterr().out
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    printed = capsys.readouterr().out
+    assert "attention implementation: sdpa" in printed and "similarity_topk" in printed

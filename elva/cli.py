@@ -66,6 +66,17 @@ def _kernels(args) -> None:
     kernel_demo.run(args.queries, args.candidates, args.dim, args.k, seed=args.seed)
 
 
+def _bench(args) -> None:
+    from elva.bench import bench_train
+
+    result = bench_train(args.size, batch_size=args.batch_size, steps=args.steps, image_size=args.image_size,
+                         text_words=args.text_words, seed=args.seed)
+    memory = f"{result.peak_memory_mib:.0f} MiB" if result.peak_memory_mib is not None else "n/a (CPU)"
+    mfu = f"{100 * result.mfu:.1f}%" if result.mfu is not None else "n/a (no bf16 peak for this device)"
+    print(f"stage-2 training, Qwen2-VL {result.size} (random weights), batch {result.batch_size}, {result.device}: "
+          f"{result.step_ms:.1f} ms/step, {result.tokens_per_s:.0f} tokens/s, peak memory {memory}, MFU {mfu}")
+
+
 def _demo(args) -> None:
     import time
 
@@ -115,12 +126,21 @@ def main(argv: list[str] | None = None) -> int:
     kernels.add_argument("--k", type=int, default=10)
     kernels.set_defaults(run=_kernels)
 
+    bench = commands.add_parser("bench", help="throughput: `elva bench train` runs stage-2 steps, random weights")
+    bench.add_argument("what", choices=["train"])
+    bench.add_argument("--size", choices=["2b", "tiny"], default="2b")
+    bench.add_argument("--batch-size", type=int, default=32)
+    bench.add_argument("--steps", type=int, default=10)
+    bench.add_argument("--image-size", type=int, default=224)
+    bench.add_argument("--text-words", type=int, default=32)
+    bench.set_defaults(run=_bench)
+
     demo = commands.add_parser("demo", help="the whole pipeline on the tiny model and synthetic data (CPU, minutes)")
     demo.add_argument("--run-dir", help="default: runs/demo-<date>-<time>")
     demo.add_argument("--scenes", type=int, default=200)
     demo.set_defaults(run=_demo)
 
-    for sub in (make_data, kernels, demo, *(commands.choices[n] for n in ("eval", "mine"))):
+    for sub in (make_data, kernels, demo, bench, *(commands.choices[n] for n in ("eval", "mine"))):
         sub.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.run(args)

@@ -44,6 +44,8 @@ __all__ = [
     "EMB_TOKEN",
     "RET_TOKEN",
     "QWEN_SPECIAL_TOKENS",
+    "QWEN2VL_2B_SIZES",
+    "QWEN2VL_2B_VOCAB",
     "TINY_MODEL_CONFIG",
 ]
 
@@ -90,6 +92,31 @@ TINY_MODEL_CONFIG: dict[str, Any] = {
     },
     "tie_word_embeddings": False,
 }
+# Qwen2-VL-2B-Instruct's shapes (its public config.json), for throughput runs of a randomly initialised model.
+QWEN2VL_2B_SIZES: dict[str, Any] = {
+    "text_config": {
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32768,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+    },
+    "vision_config": {
+        "depth": 32,
+        "embed_dim": 1280,
+        "hidden_size": 1536,
+        "num_heads": 16,
+        "mlp_ratio": 4,
+        "in_channels": 3,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    },
+    "tie_word_embeddings": True,
+}
+QWEN2VL_2B_VOCAB = 151936
 # Image sizes for the tiny model: 56x56 to 224x224 pixels (4 to 64 merged image tokens).
 TINY_MIN_PIXELS = 56 * 56
 TINY_MAX_PIXELS = 28 * 28 * 64
@@ -497,6 +524,13 @@ class ElvaEmbedder(nn.Module):
     def tiny(cls, seed: int = 0, config: ModelConfig | Mapping | None = None, **overrides) -> "ElvaEmbedder":
         """The built-in tiny random Qwen2-VL (hidden 64, 2 layers, vision depth 2) with a BPE tokenizer trained on
         a built-in corpus. Deterministic for a given seed; the global RNG is left untouched."""
+        return cls.random(TINY_MODEL_CONFIG, seed=seed, config=config, **overrides)
+
+    @classmethod
+    def random(cls, sizes: Mapping[str, Any], seed: int = 0, config: ModelConfig | Mapping | None = None,
+               vocab_size: int | None = None, **overrides) -> "ElvaEmbedder":
+        """A randomly initialised Qwen2-VL of the given ``sizes`` (TINY_MODEL_CONFIG's layout, e.g.
+        QWEN2VL_2B_SIZES) with the built-in tokenizer; ``vocab_size`` pads the embedding table (a real model's)."""
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
         cfg = _make_config(config, overrides)
@@ -507,21 +541,21 @@ class ElvaEmbedder(nn.Module):
         tokenizer = build_tiny_tokenizer(seed)
         image_processor = build_image_processor(cfg.min_pixels, cfg.max_pixels)
         vocab = tokenizer.get_vocab()
-        text_config = dict(TINY_MODEL_CONFIG["text_config"])
+        text_config = dict(sizes["text_config"])
         text_config.update(
-            vocab_size=len(tokenizer),
+            vocab_size=max(len(tokenizer), vocab_size or 0),
             bos_token_id=vocab["<|endoftext|>"],
             eos_token_id=vocab["<|im_end|>"],
             pad_token_id=vocab["<|endoftext|>"],
         )
         hf_cfg = Qwen2VLConfig(
             text_config=text_config,
-            vision_config=dict(TINY_MODEL_CONFIG["vision_config"]),
+            vision_config=dict(sizes["vision_config"]),
             image_token_id=vocab["<|image_pad|>"],
             video_token_id=vocab["<|video_pad|>"],
             vision_start_token_id=vocab["<|vision_start|>"],
             vision_end_token_id=vocab["<|vision_end|>"],
-            tie_word_embeddings=TINY_MODEL_CONFIG["tie_word_embeddings"],
+            tie_word_embeddings=sizes["tie_word_embeddings"],
         )
         attn = resolve_attention(cfg.attention)
         with torch.random.fork_rng(devices=[]):

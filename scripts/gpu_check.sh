@@ -17,7 +17,7 @@ mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 START_UTC=$(date -u +%Y-%m-%dT%H:%M:%S)
 
-# Seconds per step: build 150, tests 200, benchmarks 235 (headline ops first), environment 10.
+# Seconds per step: build 120, tests 180, benchmarks 235 (headline ops first), trainer throughput 50, environment 10.
 BENCHMARKS=(
   "similarity_topk 90"
   "rank_statistics 40"
@@ -49,10 +49,10 @@ step environment 10 "$OUT/environment.log" bash -c \
   "nvidia-smi -L; $PYTHON -c 'import sys, torch; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name())'; $PYTHON -c 'import triton; print(\"triton\", triton.__version__)'"
 
 # --no-index: there is no network, and --no-deps means nothing needs resolving anyway.
-step build 150 "$OUT/build.log" \
+step build 120 "$OUT/build.log" \
   "$PYTHON" -m pip install -v --no-index --no-build-isolation --no-deps -e .
 
-step "pytest -m gpu" 200 "$OUT/pytest_gpu.log" \
+step "pytest -m gpu" 180 "$OUT/pytest_gpu.log" \
   "$PYTHON" -m pytest -m gpu tests -v --tb=short -p no:cacheprovider -rf --durations=12
 
 for entry in "${BENCHMARKS[@]}"; do
@@ -63,6 +63,11 @@ for entry in "${BENCHMARKS[@]}"; do
   step "bench $op" "$limit" "$OUT/bench_$op.log" \
     "$PYTHON" benchmarks/compare.py --op "$op" --device cuda --preset gpu --out "$OUT"
 done
+
+# Stage-2 training throughput of a random Qwen2-VL-2B (needs peft on the machine: carry its wheel if missing).
+step "elva bench train" 50 "$OUT/bench_train.log" \
+  "$PYTHON" -m elva.cli bench train --size 2b --batch-size 16 --steps 5
+tail -n 1 "$OUT/bench_train.log" | sed 's/^/   /' || true
 
 echo
 echo "== benchmark rows of this run ($OUT/compare.csv; full tables in $OUT/*.md)"

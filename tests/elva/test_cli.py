@@ -29,3 +29,8 @@ def test_info(capsys):
     assert main(["info"]) == 0
     printed = capsys.readouterr().out
     assert "attention implementation: sdpa" in printed and "similarity_topk" in printed
+
+
+def test_bench_train_on_the_tiny_model(capsys):
+    assert main(["bench", "train", "--size", "tiny", "--batch-size", "4", "--steps", "2", "--image-size", "56"]) == 0
+    assert "ms/step" in capsys.readouterr().out

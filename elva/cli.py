@@ -24,8 +24,9 @@ def _train(args) -> None:
     from elva.config import load_config
     from elva.train.contrastive import run_training
 
-    variables = {"data_dir": args.data_dir} if args.data_dir else None
-    print(f"model: {run_training(load_config(args.config, args.overrides, variables))}")
+    variables = {name: value for name, value in (("data_dir", args.data_dir), ("model_path", args.model_path)) if value}
+    overrides = [*args.overrides, *(["train.resume=true"] if args.resume else [])]
+    print(f"model: {run_training(load_config(args.config, overrides, variables))}")
 
 
 def _eval(args) -> None:
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="a training stage, chosen by the config (train.stage)")
     train.add_argument("--config", required=True)
     train.add_argument("--data-dir", help="fills ${data_dir} in the config (e.g. the folder of elva make-data)")
+    train.add_argument("--model-path", help="fills ${model_path} (a local Qwen2-VL checkpoint folder)")
+    train.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     train.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=1e-4 train.resume=true")
     train.set_defaults(run=_train)
 

@@ -267,6 +267,25 @@ class _Logger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        self.plot()
+
+    def plot(self) -> None:
+        """run_dir/loss.png: the training loss by step."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        with open(self.path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows:
+            return
+        figure, axes = plt.subplots(figsize=(6, 3.5))
+        axes.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows])
+        axes.set(xlabel="step", ylabel="InfoNCE loss", title=self.path.parent.name)
+        figure.tight_layout()
+        figure.savefig(self.path.with_name("loss.png"), dpi=100)
+        plt.close(figure)
 
 
 # --------------------------------------------------------------------------------------------------------------------

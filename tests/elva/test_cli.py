@@ -34,3 +34,16 @@ def test_info(capsys):
 def test_bench_train_on_the_tiny_model(capsys):
     assert main(["bench", "train", "--size", "tiny", "--batch-size", "4", "--steps", "2", "--image-size", "56"]) == 0
     assert "ms/step" in capsys.readouterr().out
+
+
+def test_train_command_writes_the_run_folder_and_resumes(tmp_path):
+    data = tmp_path / "data"
+    main(["make-data", "--out", str(data), "--scenes", "40"])
+    args = ["train", "--config", "configs/tiny_stage1.yaml", "--data-dir", str(data), f"run_dir={tmp_path / 'run'}",
+            "train.max_steps=6", "train.save_every=3", "train.log_every=1", "train.batch_size=8"]
+    assert main(args) == 0
+    for name in ("config.yaml", "logs.csv", "loss.png", "model"):
+        assert (tmp_path / "run" / name).exists(), name
+    assert main(["train", "--resume", *args[1:], "train.max_steps=8"]) == 0  # continues from the step-6 checkpoint
+    steps = [line.split(",")[0] for line in (tmp_path / "run" / "logs.csv").read_text().splitlines()[1:]]
+    assert steps == [str(s) for s in range(1, 9)]

@@ -10,26 +10,19 @@
 #include <tuple>
 
 #include "elva/elva_rewards.h"
+#include "elva_rewards_args.h"
 #include "tensor_args.h"
 
 namespace elva {
 namespace {
 
+using bindings::advantage_mode;
+using bindings::with_unit_stride_last;
+
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 constexpr const char* kCandForm = "[B, G, C, d] or [B, C, d] with the queries' B, G and d";
 
-// The kernels need unit-stride rows; any other stride (0 for broadcast views included) is read in place.
-at::Tensor with_unit_stride_last(const at::Tensor& t) {
-  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
-}
-
-AdvantageMode advantage_mode(c10::string_view advantage) {
-  const std::string name(advantage);
-  TORCH_CHECK_VALUE(name == "group" || name == "batch" || name == "none",
-                    "advantage must be one of ('group', 'batch', 'none'); got '", name, "'");
-  return name == "group" ? AdvantageMode::Group : name == "batch" ? AdvantageMode::Batch : AdvantageMode::None;
-}
 
 Outputs elva_rewards_cpu_op(const at::Tensor& query_emb, const at::Tensor& cand_emb, const at::Tensor& positive_index,
                             const std::optional<at::Tensor>& mask, double delta, double gamma, double alpha,

@@ -15,10 +15,14 @@
 #include <tuple>
 
 #include "elva/cuda/elva_rewards.cuh"
+#include "elva_rewards_args.h"
 #include "tensor_args.h"
 
 namespace elva {
 namespace {
+
+using bindings::advantage_mode;
+using bindings::with_unit_stride_last;
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
@@ -31,18 +35,6 @@ void check_finite_float(double value, const char* name) {
   TORCH_CHECK_VALUE(std::isfinite(value), name, " must be a finite float; got ", value);
 }
 
-AdvantageMode advantage_mode(c10::string_view advantage) {
-  const std::string name(advantage);
-  if (name == "group") return AdvantageMode::Group;
-  if (name == "batch") return AdvantageMode::Batch;
-  TORCH_CHECK_VALUE(name == "none", "advantage must be one of ('group', 'batch', 'none'); got '", name, "'");
-  return AdvantageMode::None;
-}
-
-// The kernel reads rows with unit stride; only other layouts are copied.
-at::Tensor with_unit_stride_last(const at::Tensor& t) {
-  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
-}
 
 // The data checks the kernel recorded, raised as the reference's check_data words them, in its order.
 void raise_data_errors(const at::Tensor& errors_device, const at::Tensor& positive_index, bool has_mask, int64_t G,

@@ -32,6 +32,11 @@ inline at::Tensor with_unit_stride_rows(const at::Tensor& matrix) {
   return matrix.size(1) <= 1 || matrix.stride(1) == 1 ? matrix : matrix.contiguous();
 }
 
+// The same for any rank: unit stride along the last dim (other strides, 0 for broadcast views included, are kept).
+inline at::Tensor with_unit_stride_last(const at::Tensor& t) {
+  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
+}
+
 // Sizes of a (queries [B, d], candidates [N, d]) pair, checked: one float dtype, one CPU device, same d,
 // nothing empty.
 struct PoolShape {

@@ -120,11 +120,7 @@ def _backward(ctx, grad_values, _grad_indices):
             grad_q[q0:q1] = _common.prepare_backward(queries[q0:q1], ctx.metric, torch.einsum("bk,bkd->bd", weight, c))
         if want_c:
             grad_c_prepared.index_add_(0, ids.flatten(), (weight[:, :, None] * q[:, None, :]).flatten(0, 1))
-    grad_c = None
-    if want_c:
-        grad_c = torch.empty_like(candidates)
-        for c0, c1 in _common.candidate_blocks(candidates.shape[0], candidates.shape[1]):
-            grad_c[c0:c1] = _common.prepare_backward(candidates[c0:c1], ctx.metric, grad_c_prepared[c0:c1])
+    grad_c = _common.prepare_backward_rows(candidates, ctx.metric, grad_c_prepared) if want_c else None
     return grad_q, grad_c, None, None, None, None
 
 

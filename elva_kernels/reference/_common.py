@@ -94,6 +94,14 @@ def prepare_backward(x: torch.Tensor, metric: str, grad_prepared: torch.Tensor) 
     return normalize_backward(x, grad_prepared).to(x.dtype)
 
 
+def prepare_backward_rows(x: torch.Tensor, metric: str, grad_prepared: torch.Tensor) -> torch.Tensor:
+    """``prepare_backward`` over row blocks, so its fp32 temporaries stay tile-sized for a whole pool."""
+    grad = torch.empty_like(x)
+    for start, stop in candidate_blocks(x.shape[0], x.shape[1]):
+        grad[start:stop] = prepare_backward(x[start:stop], metric, grad_prepared[start:stop])
+    return grad
+
+
 def fold_tile(best_values, best_indices, tile_values, tile_keys, first_index: int, k: int):
     """Fold one tile (candidates ``first_index + j``) into a running top-k under the total order.
 

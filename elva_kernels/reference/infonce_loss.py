@@ -179,11 +179,7 @@ def infonce_loss_backward(
                 grad_t += (grad_z * s).sum(dtype=torch.float64)
         if want_q:
             grad_q[q0:q1] = _common.prepare_backward(queries[q0:q1], "cosine", grad_q_prepared)
-    grad_c = candidates.new_empty(0)
-    if want_c:
-        grad_c = torch.empty_like(candidates)
-        for c0, c1 in _common.candidate_blocks(num_candidates, candidates.shape[1]):
-            grad_c[c0:c1] = _common.prepare_backward(candidates[c0:c1], "cosine", grad_c_prepared[c0:c1])
+    grad_c = _common.prepare_backward_rows(candidates, "cosine", grad_c_prepared) if want_c else candidates.new_empty(0)
     grad_temperature = temperature.new_empty(0)
     if want_t:
         grad_temperature = (-grad_t / temperature.double() ** 2).to(temperature.dtype)

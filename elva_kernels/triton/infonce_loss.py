@@ -13,7 +13,7 @@ accumulation) scaled by both rows' inverse norms, so z = cos / tau without norma
   kernel also sums dL/dz * s for the temperature.
 
 The launchers map the prepared-row gradients back through the normalisation with the
-reference's ``_common.prepare_backward``, in row chunks.
+reference's ``_common.prepare_backward_rows``.
 """
 from __future__ import annotations
 
@@ -262,7 +262,7 @@ def infonce_loss_backward(queries, candidates, labels, temperature, symmetric, f
         grad_queries_kernel[(programs,)](*args, grad_q_prepared, grad_tau_parts, *sizes, SYMMETRIC=symmetric,
                                          **_common_args(queries, candidates))
         if want_q:
-            grad_q = _from_prepared(originals[0], grad_q_prepared)
+            grad_q = _common.prepare_backward_rows(originals[0], "cosine", grad_q_prepared)
         if want_t:
             grad_t = (-grad_tau_parts.double().sum() / tau.double() ** 2).to(temperature.dtype)
     if want_c:
@@ -270,20 +270,12 @@ def infonce_loss_backward(queries, candidates, labels, temperature, symmetric, f
         grad_candidates_kernel[(triton.cdiv(num_candidates, BLOCK_N),)](
             *args, grad_c_prepared, *sizes, SYMMETRIC=symmetric, **_common_args(queries, candidates)
         )
-        grad_c = _from_prepared(originals[1], grad_c_prepared)
+        grad_c = _common.prepare_backward_rows(originals[1], "cosine", grad_c_prepared)
     return (
         grad_q if grad_q is not None else originals[0].new_empty(0),
         grad_c if grad_c is not None else originals[1].new_empty(0),
         grad_t if grad_t is not None else temperature.new_empty(0),
     )
-
-
-def _from_prepared(x: torch.Tensor, grad_prepared: torch.Tensor) -> torch.Tensor:
-    """Gradient w.r.t. ``x`` from the gradient w.r.t. its L2-normalised rows, in row chunks."""
-    grad = torch.empty_like(x)
-    for start, stop in _common.candidate_blocks(x.shape[0], x.shape[1]):
-        grad[start:stop] = _common.prepare_backward(x[start:stop], "cosine", grad_prepared[start:stop])
-    return grad
 
 
 _SIZES = {"num_queries": "i32", "num_candidates": "i32", "dim": "i32", "stride_q": "i64", "stride_c": "i64"}

@@ -1,8 +1,10 @@
-"""SPEC's common input rules: each class of bad input raises, names the argument, and writes nothing."""
+"""SPEC's common input rules: each class of bad input raises, names the argument, and writes nothing, on every
+backend that serves the op on CPU tensors (torch, the C++ ``cpu`` backend, Triton under the interpreter)."""
 import pytest
 import torch
 
-from elva_kernels import l2_normalize, mine_hard_negatives, rank_statistics, similarity_topk
+from elva_kernels import _dispatch, l2_normalize, mine_hard_negatives, rank_statistics, similarity_topk
+from tests.helpers import backend_or_skip
 
 Q, C = torch.randn(4, 8), torch.randn(20, 8)
 POS = torch.tensor([0, 1, 2, 3])
@@ -77,11 +79,26 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("call, bad, error, words", CASES, ids=[f"{c[0].__name__}-{'-'.join(c[1])}-{i}" for i, c in enumerate(CASES)])
-def test_bad_input_is_refused_by_name(call, bad, error, words):
+OPS = {topk: "similarity_topk", stats: "rank_statistics", mine: "mine_hard_negatives", normalize: "l2_normalize"}
+CPU_BACKENDS = ("torch", "cpu", "triton")
+
+
+def backend_cases():
+    """Each row on each backend its op registers; a row that sets ``backend`` itself runs once."""
+    for i, (call, bad, error, words) in enumerate(CASES):
+        registered = [b.name for b in _dispatch.backends(OPS[call])]
+        for backend in ("torch",) if "backend" in bad else [b for b in CPU_BACKENDS if b in registered]:
+            yield pytest.param(backend, call, bad, error, words, id=f"{backend}-{call.__name__}-{'-'.join(bad)}-{i}")
+
+
+@pytest.mark.parametrize("backend, call, bad, error, words", list(backend_cases()))
+def test_bad_input_is_refused_by_name(backend, call, bad, error, words):
+    # A backend that cannot run the op on CPU fp32 here at all (e.g. Triton without TRITON_INTERPRET) is skipped
+    # with the dispatcher's reasons.
+    backend_or_skip(OPS[call], backend, "cpu", torch.float32)
     before = {k: v.clone() for k, v in bad.items() if isinstance(v, torch.Tensor) and v.device.type != "meta"}
     with pytest.raises(error) as raised:
-        call(**bad)
+        call(**({"backend": backend} | bad))
     assert words in str(raised.value), str(raised.value)
     for name, original in before.items():
         assert torch.equal(bad[name].nan_to_num(), original.nan_to_num()), f"{name} was modified"

@@ -351,6 +351,49 @@ def test_advantage_gradients_match_autograd_of_the_rule():
             torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item() + 1e-7, rtol=1e-4)
 
 
+def away_from_kinks(q, c, positive, mask, delta, gap):
+    """True when every (query, rollout) has its real scores more than ``gap`` apart and its margin more than ``gap``
+    from the clamp: a finite-difference step then changes no rank, no top negative and no margin branch."""
+    out = torch.ops.elva.elva_rewards_torch.default(q, c, positive, mask, delta, 0.01, 0.4, 0.6, math.e, "none", 0.0,
+                                                    True)
+    scores = out[5].double()
+    ordered = scores.sort(dim=2, descending=True).values
+    gaps = ordered[..., :-1] - ordered[..., 1:]
+    at = positive.view(-1, 1, 1).expand(*scores.shape[:2], 1)
+    top_negative = scores.scatter(2, at, float("-inf")).amax(2)
+    before_clamp = scores.gather(2, at).squeeze(2) - top_negative - delta
+    return bool((gaps[torch.isfinite(gaps)] > gap).all()) and bool((before_clamp.abs() > gap).all())
+
+
+@pytest.mark.parametrize("advantage", ["group", "batch", "none"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_rollout"])
+def test_gradcheck_float64(shared, advantage):
+    """torch.autograd.gradcheck of the reference's backward on float64 inputs (the torch op itself; the public
+    function takes fp32/fp16/bf16 only). Ranks are held constant by the op; the case is drawn until no finite
+    difference can change them, the top negative or the margin's branch. The forward rounds scores and outputs
+    to fp32, hence eps 1e-3 and atol 1e-3 (measured worst error 3e-4; the Jacobian's entries are 1e-2 to 1)."""
+    op = torch.ops.elva.elva_rewards_torch.default
+    mask = {"group": None, "batch": "2d", "none": "3d"}[advantage]
+    delta, gamma, alpha, eps, log_base = 0.03, 0.2, 0.7, 0.5, (math.e if shared else 2.0)
+    gen = torch.Generator().manual_seed(17 + 3 * shared + len(advantage))
+    for group in (3, 1):
+        while True:
+            q, c, positive, real = random_case(gen, num_queries=2, group=group, num_candidates=5, dim=4,
+                                               shared=shared, mask=mask, dtype=torch.float64)
+            if away_from_kinks(q, c, positive, real, delta, gap=0.02):
+                break
+
+        def differentiable_outputs(q, c):
+            total, margin, rank_reward, _, advantages, scores = op(q, c, positive, real, delta, gamma, alpha, eps,
+                                                                   log_base, advantage, 1e-4, True)
+            return total, margin, rank_reward, advantages, scores.masked_fill(scores == float("-inf"), 0.0)
+
+        inputs = (q.requires_grad_(), c.requires_grad_())
+        assert all(t.dtype == torch.float64 for t in torch.autograd.grad(differentiable_outputs(*inputs)[0].sum(),
+                                                                         inputs))
+        assert torch.autograd.gradcheck(differentiable_outputs, inputs, eps=1e-3, atol=1e-3, rtol=1e-3)
+
+
 def test_not_differentiable_by_default():
     q, c = torch.randn(2, 3, 8, requires_grad=True), torch.randn(2, 5, 8, requires_grad=True)
     out = elva_rewards(q, c, return_scores=True)

@@ -74,3 +74,42 @@ def test_peak_resident_memory_does_not_grow_with_b_times_n():
     grown_mib = int(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout.split()[-1])
     score_matrix_mib = 1024 * 300_000 * 4 // 2**20
     assert grown_mib < score_matrix_mib / 4, f"peak RSS grew {grown_mib} MiB; a score matrix is {score_matrix_mib} MiB"
+
+
+def test_cpu_backend_peak_memory_is_b_times_k_plus_tiles():
+    """The C++ backend in a real process, N large: rank_statistics and then similarity_topk may add only their
+    documented buffers (the prepared queries, top-k entries for B x (k + max(k, 256)) candidates, the [B, k]
+    outputs) plus per-thread tiles, never anything that grows with N (a [B, N] fp32 matrix is 1.2 GB here)."""
+    from tests.helpers import backend_or_skip
+
+    for op in ("similarity_topk", "rank_statistics"):
+        backend_or_skip(op, "cpu", "cpu", torch.float32)
+    batch, pool, dim, k = 1024, 300_000, 16, 100
+    script = textwrap.dedent(
+        f"""
+        import resource, torch
+        from elva_kernels import rank_statistics, similarity_topk
+        torch.manual_seed(0)
+        q, c = torch.randn({batch}, {dim}), torch.randn({pool}, {dim})
+        positives = torch.randint(0, {pool}, ({batch},))
+        similarity_topk(q[:2], c[:1000], 1, backend="cpu")  # warm-up: allocator, OpenMP threads
+        rank_statistics(q[:2], c[:1000], positives[:2] % 1000, backend="cpu")
+        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+        before = peak()
+        rank_statistics(q, c, positives, backend="cpu")
+        ranked = peak()
+        similarity_topk(q, c, {k}, backend="cpu")
+        print((ranked - before) // 1024, (peak() - before) // 1024)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
+    rank_mib, topk_mib = (int(x) for x in result.stdout.split()[-2:])
+    entry = 16  # a (fp32 score, int64 index) entry, padded
+    documented = batch * dim * 4 + batch * (k + max(k, 256)) * entry + batch * k * (4 + 8)
+    bound_mib = documented / 2**20 + 8  # + per-thread candidate blocks and score tiles (a few MiB on 2 cores)
+    score_matrix_mib = batch * pool * 4 / 2**20
+    assert rank_mib <= 8, f"rank_statistics grew peak RSS by {rank_mib} MiB; it keeps O(B) state and tiles"
+    assert topk_mib <= bound_mib, (
+        f"similarity_topk grew peak RSS by {topk_mib} MiB; O(B k + tile) allows {bound_mib:.0f} MiB"
+        f" (a score matrix is {score_matrix_mib:.0f} MiB)"
+    )

@@ -29,10 +29,12 @@ def random_positives(gen, rows, pool, *, width):
     return positives
 
 
-def make_case(gen, dtype, metric="cosine", *, big=False):
-    rows = ragged_size(gen, 1, 70 if big else 19)
-    pool = ragged_size(gen, 1, 3000 if big else 300)
-    dim = ragged_size(gen, 1, 200 if big else 48)
+def make_case(gen, dtype, metric="cosine", *, big=False, limits=None):
+    """``limits``: the largest (B, N, d) to draw; ``big`` is (70, 3000, 200), the default (19, 300, 48)."""
+    max_rows, max_pool, max_dim = limits or ((70, 3000, 200) if big else (19, 300, 48))
+    rows = ragged_size(gen, 1, max_rows)
+    pool = ragged_size(gen, 1, max_pool)
+    dim = ragged_size(gen, 1, max_dim)
     candidates = random_rows(gen, pool, dim, ties=True)
     positives = random_positives(gen, rows, pool, width=ragged_size(gen, 1, 4))
     if pool > 2:  # exact duplicates of some positives, at other ids
@@ -94,6 +96,17 @@ def test_matches_reference(backend, metric):
     fast_op(backend)
     check_backend_against_reference(
         OP, backend, lambda g, dt: make_case(g, dt, metric), run, compare, cases=CASES[backend]
+    )
+
+
+@pytest.mark.slow  # about 4 s under the interpreter; still run by default
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_triton_more_random_cases(metric):
+    """Another seed for the interpreter, with more ragged shapes: B up to 70 (two query blocks of 64), N up to 700
+    (several 128-row splits), d up to 96."""
+    fast_op("triton")
+    check_backend_against_reference(
+        OP, "triton", lambda g, dt: make_case(g, dt, metric, limits=(70, 700, 96)), run, compare, cases=6, seed=37
     )
 
 

@@ -22,10 +22,12 @@ def fast_op(backend="cpu"):
     return getattr(torch.ops.elva, f"{OP}_{backend}")
 
 
-def make_case(gen, dtype, metric="cosine", *, big=False):
-    rows = ragged_size(gen, 1, 40 if big else 19)
-    pool = ragged_size(gen, 1, 2500 if big else 300)
-    dim = ragged_size(gen, 1, 300 if big else 48)
+def make_case(gen, dtype, metric="cosine", *, big=False, limits=None):
+    """``limits``: the largest (B, N, d) to draw; ``big`` is (40, 2500, 300), the default (19, 300, 48)."""
+    max_rows, max_pool, max_dim = limits or ((40, 2500, 300) if big else (19, 300, 48))
+    rows = ragged_size(gen, 1, max_rows)
+    pool = ragged_size(gen, 1, max_pool)
+    dim = ragged_size(gen, 1, max_dim)
     case = {
         "queries": random_rows(gen, rows, dim, ties=False).to(dtype),
         "candidates": random_rows(gen, pool, dim, ties=True).to(dtype),
@@ -47,6 +49,15 @@ def run(case, backend):
         case["queries"], case["candidates"], case["k"], metric=case["metric"], exclude=case["exclude"],
         max_score=case["max_score"], backend=backend,
     )
+
+
+def candidates_within(s, centres, radius):
+    """[B, k]: how many of a row's scores ``s`` [B, N] lie strictly within ``radius`` [B, 1] of each centre; by
+    binary search in the sorted row, so k near 4096 with N near 5000 needs no [B, k, N] temporary."""
+    ordered = s.sort(dim=1).values
+    low = torch.searchsorted(ordered, (centres - radius).contiguous(), right=True)
+    high = torch.searchsorted(ordered, (centres + radius).contiguous(), right=False)
+    return high - low
 
 
 def compare(actual, expected, case, dtype):
@@ -72,8 +83,7 @@ def compare(actual, expected, case, dtype):
     near = torch.zeros_like(real)
     if "queries" in case:
         s = naive.scores(case["queries"], case["candidates"], case["metric"]).float().to(values.device)
-        close = (s[:, None, :] - ref_values[:, :, None]).abs() < 2 * tol[:, :, None]
-        near = real & (close.sum(2) > 1)
+        near = real & (candidates_within(s, ref_values, 2 * tol) > 1)
     else:
         gaps = ref_values.diff(dim=1).abs() < 2 * tol
         near[:, 1:] |= gaps
@@ -265,3 +275,128 @@ def test_cpu_screening_resolves_differences_below_bf16(monkeypatch, metric):
     for isa in ("avx512", "scalar"):
         assert torch.equal(results[isa][0], results[""][0]) and torch.equal(results[isa][1], results[""][1])
     compare(results[""], similarity_topk(q, c, 200, metric=metric, backend="torch"), {}, torch.float32)
+
+
+# ---- more coverage per issue 3's acceptance: faiss-cpu, more Triton cases, large k with filters ----------------
+
+
+def faiss_search(queries, candidates, k, metric):
+    """faiss-cpu's exact inner-product search (IndexFlatIP), on unit rows for "cosine"."""
+    faiss = pytest.importorskip("faiss")  # a dev extra; the GPU machine has none
+    q, c = queries.float(), candidates.float()
+    if metric == "cosine":
+        q, c = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(c, dim=1)
+    index = faiss.IndexFlatIP(c.shape[1])
+    index.add(c.numpy())
+    values, indices = index.search(q.numpy(), k)
+    return torch.from_numpy(values), torch.from_numpy(indices)
+
+
+def compare_with_faiss(actual, queries, candidates, k, metric):
+    """Values within both sides' fp32 error of faiss'; indices equal wherever faiss' scores are apart by more than
+    those errors (faiss orders ties its own way). faiss is asked for k + 1, so a near-tie across the k-th place
+    counts as one. Every returned id must also carry its own score."""
+    values, indices = actual
+    pool = candidates.shape[0]
+    faiss_values, faiss_indices = faiss_search(queries, candidates, min(k + 1, pool), metric)
+    tol = 2 * naive.score_tolerance(queries, candidates, metric)  # ours and faiss' fp32 sums, each within 1 bound
+    assert bool((indices >= 0).all()), "k <= N with no filter: every slot holds a candidate"
+    assert_close_verbose(values - faiss_values[:, :k], torch.zeros_like(values), atol=float(tol.max()), rtol=0,
+                         what=f"values against faiss (k={k}, N={pool}, {metric})")
+    own = naive.scores(queries, candidates, metric).gather(1, indices)
+    assert_close_verbose(values - own, torch.zeros_like(values), atol=float(tol.max()) / 2, rtol=0, what="own scores")
+    gaps = torch.cat([torch.full_like(faiss_values[:, :1], float("inf")), faiss_values,
+                      torch.full_like(faiss_values[:, :1], float("-inf"))], 1).diff(dim=1).abs()
+    separated = ((gaps[:, :-1] > 2 * tol) & (gaps[:, 1:] > 2 * tol))[:, :k]
+    assert torch.equal(indices[separated], faiss_indices[:, :k][separated]), f"indices differ from faiss (k={k})"
+    assert len(set(indices[0].tolist())) == k, "an id came twice"
+    return int(separated.sum())
+
+
+# (B, N, d, k) beyond the random cases: k = min(N, 4096) on a pool larger than 4096, and k = N.
+FAISS_LARGE = {"cpu": [(7, 5000, 33, 4096), (3, 3000, 20, 3000)], "triton": []}
+FAISS_CASES = {"cpu": 20, "triton": 6}
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+@pytest.mark.parametrize("backend", FAST)
+def test_matches_faiss_exact_search(backend, metric):
+    """faiss-cpu IndexFlatIP exact search, on ragged random fp32 cases (k from 1 to N) and, for the C++ backend,
+    k = min(N, 4096) on N = 5000."""
+    fast_op(backend)
+    gen = torch.Generator().manual_seed(23)
+    cases = []
+    for _ in range(FAISS_CASES[backend]):
+        rows, pool, dim = ragged_size(gen, 1, 19), ragged_size(gen, 1, 300), ragged_size(gen, 1, 48)
+        cases.append((rows, pool, dim, ragged_size(gen, 1, pool)))
+    checked = 0
+    for rows, pool, dim, k in cases + FAISS_LARGE[backend]:
+        queries = random_rows(gen, rows, dim, ties=False)
+        candidates = random_rows(gen, pool, dim, ties=False)
+        checked += compare_with_faiss(similarity_topk(queries, candidates, k, metric=metric, backend=backend),
+                                      queries, candidates, k, metric)
+    assert checked > 1000, "too few slots outside faiss near-ties to say anything"
+
+
+def robust_max_score(gen, s, k, tol):
+    """A per-row max_score that leaves from about k - 300 up to all candidates eligible (the ones at or below it),
+    placed in the widest gap between 32 neighbouring scores so that no backend's rounding (``tol``) can move a
+    candidate across it. Row 0 always leaves fewer than k eligible; one other row in four gets no filter."""
+    pool = s.shape[1]
+    ordered = s.sort(dim=1, descending=True).values
+    limits = torch.empty(s.shape[0])
+    for row in range(s.shape[0]):
+        eligible = ragged_size(gen, max(1, k - 300), k - 33 if row == 0 else pool - 1)
+        start = pool - eligible  # the window's first score stays above the limit
+        window = ordered[row, start - 1 : start + 32]
+        if (row > 0 and bool(torch.randint(0, 4, (1,), generator=gen) == 0)) or window.numel() < 2:
+            limits[row] = 1e30
+            continue
+        widths = window[:-1] - window[1:]
+        gap = int(widths.argmax())
+        # A zero width is an exact tie (duplicates score the same on every backend); else it must dwarf the error.
+        usable = widths[gap] == 0 or widths[gap] > 4 * tol[row, 0]
+        limits[row] = float((window[gap] + window[gap + 1]) / 2) if usable else 1e30
+    return limits
+
+
+def large_k_case(gen, backend, case_number):
+    metric = ("cosine", "dot")[case_number % 2]
+    rows = ragged_size(gen, 1, 3 if backend == "triton" else 9)
+    pool = ragged_size(gen, 4100, 5200)
+    dim = ragged_size(gen, 1, 64)
+    # k = 4096 (the GPU backends' limit) in one case of three; the C++ backend has no limit: another asks k = N.
+    k = {0: 4096, 2: pool if backend == "cpu" else None}.get(case_number % 3) or ragged_size(gen, 3500, 4096)
+    queries, candidates = random_rows(gen, rows, dim, ties=False), random_rows(gen, pool, dim, ties=True)
+    s = naive.scores(queries, candidates, metric)
+    exclude = torch.randint(-1, pool, (rows, ragged_size(gen, 1, 300)), generator=gen)
+    exclude[:, :5] = naive.total_order(s)[:, :5]  # the best candidates themselves, so the exclusions matter
+    return {"queries": queries, "candidates": candidates, "k": k, "metric": metric, "exclude": exclude,
+            "max_score": robust_max_score(gen, s, k, naive.score_tolerance(queries, candidates, metric))}
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.slow)])
+def test_large_k_with_exclusions_and_max_score(backend):
+    """k from 3500 to 4096 (and k = N on the C++ backend) on N = 4100..5200 with ties, exclusions and max_score
+    filters that leave from fewer than k to all candidates eligible."""
+    fast_op(backend)
+    gen = torch.Generator().manual_seed(29)
+    short = 0
+    for case_number in range(1 if backend == "triton" else 8):
+        case = large_k_case(gen, backend, case_number)
+        expected = run(case, "torch")
+        compare(run(case, backend), expected, case, torch.float32)
+        short += int((expected[1] == -1).any(1).sum())
+    if backend == "cpu":
+        assert short > 0, "no row had fewer than k eligible candidates"
+
+
+@pytest.mark.slow  # about 8 s under the interpreter; still run by default
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_triton_more_random_cases(metric):
+    """Another seed for the interpreter, with more ragged shapes: B up to 70 (two query blocks of 64), N up to 700
+    (several 128-row splits), d up to 96."""
+    fast_op("triton")
+    check_backend_against_reference(
+        OP, "triton", lambda g, dt: make_case(g, dt, metric, limits=(70, 700, 96)), run, compare, cases=3, seed=31
+    )

@@ -22,18 +22,18 @@ def _make_data(args) -> None:
 
 def _train(args) -> None:
     from elva.config import load_config
-    from elva.train.contrastive import run_training
+    from elva.train import run_stage
 
     variables = {name: value for name, value in (("data_dir", args.data_dir), ("model_path", args.model_path)) if value}
     overrides = [*args.overrides, *(["train.resume=true"] if args.resume else [])]
-    print(f"model: {run_training(load_config(args.config, overrides, variables))}")
+    print(f"model: {run_stage(load_config(args.config, overrides, variables))}")
 
 
 def _eval(args) -> None:
     from elva.eval import evaluate, format_table
 
     result = evaluate(_embedder(args.model, args.seed), args.data, args.out, batch_size=args.batch_size,
-                      split=args.split)
+                      split=args.split, extraction=args.extraction)
     for name in ("recall", "multigrain", "grains"):
         if result.get(name):
             print(f"\n{name}\n{format_table(result[name])}")
@@ -68,6 +68,17 @@ def _kernels(args) -> None:
 
 
 def _bench(args) -> None:
+    if args.what == "rl":
+        from elva.bench import bench_rl
+
+        r = bench_rl(args.size, queries=args.queries, group_size=args.group_size, candidates=args.candidates,
+                     max_new_tokens=args.max_new_tokens, steps=args.steps, image_size=args.image_size,
+                     text_words=args.text_words, seed=args.seed)
+        memory = f"{r.peak_memory_mib:.0f} MiB" if r.peak_memory_mib is not None else "n/a (CPU)"
+        print(f"stage-3 GRPO, Qwen2-VL {r.size} (random weights), {r.queries} queries x {r.group_size} rollouts, "
+              f"{r.candidates} candidates, <= {r.max_new_tokens} summary tokens, {r.device}: {r.step_ms:.1f} ms/step "
+              f"(rollouts {r.rollout_ms:.1f} ms), {r.rollouts_per_s:.2f} rollouts/s, peak memory {memory}")
+        return
     from elva.bench import bench_train
 
     result = bench_train(args.size, batch_size=args.batch_size, steps=args.steps, image_size=args.image_size,
@@ -78,13 +89,22 @@ def _bench(args) -> None:
           f"{result.step_ms:.1f} ms/step, {result.tokens_per_s:.0f} tokens/s, peak memory {memory}, MFU {mfu}")
 
 
-def _demo(args) -> None:
+def _run_dir(args, name: str) -> Path:
     import time
 
+    return Path(args.run_dir) if args.run_dir else Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")
+
+
+def _demo(args) -> None:
     from elva import demo
 
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
-    demo.run(run_dir, seed=args.seed, scenes=args.scenes)
+    demo.run(_run_dir(args, "demo"), seed=args.seed, scenes=args.scenes)
+
+
+def _compare(args) -> None:
+    from elva import demo
+
+    demo.compare(_run_dir(args, "compare"), args.seeds, scenes=args.scenes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--split", default="test" if name == "eval" else "train")
         sub.add_argument("--batch-size", type=int, default=32)
         sub.set_defaults(run=run)
+        if name == "eval":
+            sub.add_argument("--extraction", choices=["emb", "generative"], default=None,
+                             help="emb (<emb>) or generative (summary then [RET]); default: the model's own")
         if name == "mine":
             sub.add_argument("--n-hard", type=int, default=50)
             sub.add_argument("--n-random", type=int, default=50)
@@ -129,19 +152,30 @@ def main(argv: list[str] | None = None) -> int:
     kernels.add_argument("--k", type=int, default=10)
     kernels.set_defaults(run=_kernels)
 
-    bench = commands.add_parser("bench", help="throughput: `elva bench train` runs stage-2 steps, random weights")
-    bench.add_argument("what", choices=["train"])
+    bench = commands.add_parser("bench", help="throughput of stage-2 (`train`) or stage-3 (`rl`) steps, random "
+                                              "weights")
+    bench.add_argument("what", choices=["train", "rl"])
     bench.add_argument("--size", choices=["2b", "tiny"], default="2b")
     bench.add_argument("--batch-size", type=int, default=32)
     bench.add_argument("--steps", type=int, default=10)
     bench.add_argument("--image-size", type=int, default=224)
     bench.add_argument("--text-words", type=int, default=32)
+    bench.add_argument("--queries", type=int, default=8, help="rl: queries per step")
+    bench.add_argument("--group-size", type=int, default=8, help="rl: rollouts per query")
+    bench.add_argument("--candidates", type=int, default=101, help="rl: candidates per query")
+    bench.add_argument("--max-new-tokens", type=int, default=32, help="rl: summary tokens per rollout")
     bench.set_defaults(run=_bench)
 
     demo = commands.add_parser("demo", help="the whole pipeline on the tiny model and synthetic data (CPU, minutes)")
     demo.add_argument("--run-dir", help="default: runs/demo-<date>-<time>")
     demo.add_argument("--scenes", type=int, default=200)
     demo.set_defaults(run=_demo)
+
+    compare = commands.add_parser("compare", help="the demo over several seeds: stage 2 vs stage 3, mean and std")
+    compare.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    compare.add_argument("--run-dir", help="default: runs/compare-<date>-<time>")
+    compare.add_argument("--scenes", type=int, default=200)
+    compare.set_defaults(run=_compare)
 
     for sub in (make_data, kernels, demo, bench, *(commands.choices[n] for n in ("eval", "mine"))):
         sub.add_argument("--seed", type=int, default=0)

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 
 from elva.model import ModelConfig
 
-__all__ = ["DataConfig", "TrainConfig", "RunConfig", "load_config", "config_from_dict", "save_config", "config_to_dict"]
+__all__ = ["DataConfig", "TrainConfig", "RewardConfig", "RlConfig", "RunConfig", "load_config", "config_from_dict", "save_config", "config_to_dict"]
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -50,8 +50,14 @@ class DataConfig:
     pool: str | None = field(default=None, metadata={"help": "M-BEIR candidate pool jsonl (kind mbeir)"})
     instructions: str | None = field(default=None, metadata={"help": "instruction tsv (kind mbeir)"})
     image_root: str | None = field(default=None, metadata={"help": "image root folder (kind mbeir)"})
+    negatives: str | None = field(default=None, metadata={
+        "help": "stage 3: negatives jsonl from `elva mine`; null = mine with the starting model into run_dir"})
+    query_fraction: float = field(default=1.0, metadata={
+        "help": "stage 3: fraction of each query file used (the paper: 0.01), drawn with train.seed"})
 
     def __post_init__(self):
+        if not 0 < self.query_fraction <= 1:
+            raise ValueError(f"data.query_fraction must be in (0, 1]; got {self.query_fraction}")
         if self.kind not in ("nli", "mbeir"):
             raise ValueError(f"data.kind must be 'nli' or 'mbeir'; got {self.kind!r}")
         if isinstance(self.queries, str):
@@ -74,9 +80,10 @@ class TrainConfig:
     latest checkpoint in ``run_dir`` exactly (same data order, RNG and optimizer state).
     """
 
-    stage: int = field(default=2, metadata={"help": "1 (NLI text pre-training) or 2 (M-BEIR instruction tuning)"})
+    stage: int = field(default=2, metadata={"help": "1 (NLI text pre-training), 2 (M-BEIR instruction tuning) or 3 "
+                                                    "(GRPO, options in the rl section)"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
-    batch_size: int = field(default=32, metadata={"help": "global pairs per optimizer step"})
+    batch_size: int = field(default=32, metadata={"help": "global pairs (stage 3: queries) per optimizer step"})
     grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps; None = use epochs"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the data when max_steps is None"})
@@ -94,8 +101,8 @@ class TrainConfig:
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "gradient clipping; None = off"})
 
     def __post_init__(self):
-        if self.stage not in (1, 2):
-            raise ValueError(f"train.stage must be 1 or 2 (stage 3 is the GRPO trainer); got {self.stage}")
+        if self.stage not in (1, 2, 3):
+            raise ValueError(f"train.stage must be 1, 2 or 3; got {self.stage}")
         for name in ("batch_size", "grad_accum", "log_every", "save_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1; got {getattr(self, name)}")
@@ -115,6 +122,72 @@ class TrainConfig:
 
 
 @dataclass
+class RewardConfig:
+    """ELVA's reward (SPEC A3): R_total = alpha * R_Margin + eps * R_Rank."""
+
+    delta: float = field(default=0.05, metadata={"help": "margin required over the hardest negative"})
+    gamma: float = field(default=0.01, metadata={"help": "weight of the negatives' rank penalty"})
+    alpha: float = field(default=0.4, metadata={"help": "weight of R_Margin"})
+    eps: float = field(default=0.6, metadata={"help": "weight of R_Rank"})
+    log_base: str = field(default="e", metadata={"help": "'e' or '2' (the paper leaves it open)"})
+    adv_eps: float = field(default=1e-4, metadata={"help": "added to the group std of the advantages"})
+
+    def __post_init__(self):
+        if self.log_base not in ("e", "2"):
+            raise ValueError(f"rl.reward.log_base must be 'e' or '2'; got {self.log_base!r}")
+
+
+@dataclass
+class RlConfig:
+    """Stage 3 (GRPO with ELVA's rule-based ranking rewards); see :mod:`elva.train.grpo`.
+
+    > Rollouts: ``group_size`` generative embeddings of each query (sampled at ``temperature``/``top_p``, at most
+    ``max_new_tokens`` summary tokens). ``rollout_candidates``: "query" encodes the candidates once per step greedily
+    and shares them across the group; "all" samples every candidate in every rollout (the paper's reading), whose
+    summaries then share the rollout's advantage.
+
+    > Negatives per query: ``n_hard`` hardest non-positives scoring at most ``max_score`` (the near-duplicate filter)
+    plus ``n_random`` uniform ones, mined once with the starting (stage-2) model.
+
+    > Loss: token-level clipped ratio (``clip``) against the rollout-time log-probs, ``num_iterations`` updates per
+    batch of rollouts, k3 KL to the reference (the model with its adapters disabled) weighted by ``beta``,
+    aggregated per ``sequence`` or per ``token``; ``aux_weight`` adds -weight * mean differentiable R_total.
+    """
+
+    group_size: int = field(default=8, metadata={"help": "rollouts per query (G)"})
+    rollout_candidates: str = field(default="query", metadata={"help": "query or all"})
+    n_hard: int = field(default=50, metadata={"help": "hard negatives per query"})
+    n_random: int = field(default=50, metadata={"help": "random negatives per query"})
+    max_score: float | None = field(default=None, metadata={"help": "near-duplicate cosine threshold for hard ones"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
+    max_new_tokens: int = field(default=32, metadata={"help": "summary tokens before [RET] is forced"})
+    clip: float = field(default=0.2, metadata={"help": "PPO clip range"})
+    num_iterations: int = field(default=1, metadata={"help": "updates per batch of rollouts (mu)"})
+    beta: float = field(default=0.2, metadata={"help": "KL weight"})
+    loss_aggregation: str = field(default="sequence", metadata={"help": "sequence or token"})
+    aux_weight: float = field(default=0.0, metadata={"help": "weight of the differentiable-reward term"})
+    eval_max_new_tokens: int = field(default=32, metadata={"help": "greedy summary length for evaluation"})
+    log_rollouts: int = field(default=4, metadata={"help": "sample rollouts written to rollouts.jsonl per log row"})
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+    def __post_init__(self):
+        if self.rollout_candidates not in ("query", "all"):
+            raise ValueError(f"rl.rollout_candidates must be 'query' or 'all'; got {self.rollout_candidates!r}")
+        if self.loss_aggregation not in ("sequence", "token"):
+            raise ValueError(f"rl.loss_aggregation must be 'sequence' or 'token'; got {self.loss_aggregation!r}")
+        for name in ("group_size", "max_new_tokens", "num_iterations", "eval_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rl.{name} must be >= 1; got {getattr(self, name)}")
+        if self.n_hard < 0 or self.n_random < 0 or self.n_hard + self.n_random < 1:
+            raise ValueError(f"rl.n_hard and rl.n_random must be >= 0 with at least one negative; got "
+                             f"{self.n_hard} and {self.n_random}")
+        if not (self.temperature > 0 and 0 < self.top_p <= 1 and self.clip > 0 and self.beta >= 0):
+            raise ValueError(f"rl needs temperature > 0, 0 < top_p <= 1, clip > 0 and beta >= 0; got temperature="
+                             f"{self.temperature}, top_p={self.top_p}, clip={self.clip}, beta={self.beta}")
+
+
+@dataclass
 class RunConfig:
     """One training run: where it writes, which model, which data, how it trains."""
 
@@ -123,14 +196,15 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rl: RlConfig = field(default_factory=RlConfig)
 
     def __post_init__(self):
         if self.data.kind == "nli" and self.train.stage != 1:
             raise ValueError(f"data.kind 'nli' is stage 1 data but train.stage is {self.train.stage}; "
                              "set train.stage=1 or data.kind=mbeir")
-        if self.data.kind == "mbeir" and self.train.stage != 2:
-            raise ValueError(f"data.kind 'mbeir' is stage 2 data but train.stage is {self.train.stage}; "
-                             "set train.stage=2 or data.kind=nli")
+        if self.data.kind == "mbeir" and self.train.stage == 1:
+            raise ValueError("data.kind 'mbeir' is stage 2-3 data but train.stage is 1; set train.stage=2 or "
+                             "data.kind=nli")
 
 
 # ---- conversion ----------------------------------------------------------------------------------------------------

@@ -1,29 +1,51 @@
 """``elva demo``: the pipeline end to end on the built-in tiny Qwen2-VL and the synthetic multi-grain benchmark.
 
-Makes the data, evaluates the untrained model, runs stage 1 (text pairs) and stage 2 (multimodal instruction
-pairs, starting from stage 1's merged model), evaluates again, and prints the recall tables, multi-grain R@5
-before and after, and the grain sensitivity. Everything lands in the run folder, plots included. CPU, minutes.
+Makes the data, evaluates the untrained model, runs stage 1 (text pairs), stage 2 (multimodal instruction pairs,
+from stage 1's merged model) and stage 3 (GRPO with ELVA's ranking rewards, from stage 2's), then prints stage 2
+against stage 3: multi-grain R@5 per task and the grain sensitivity. Stage 2 is shown with its own extraction
+(``<emb>``) and with stage 3's (greedy summary, then ``[RET]``), so the effect of RL is separated from the change
+of extraction. ``elva compare`` repeats this over seeds. Everything lands in the run folder, plots included.
 """
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
+from typing import Sequence
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# The columns of the stage-2 vs stage-3 table: (label, model, extraction).
+VARIANTS = (("stage2", "stage2", "emb"), ("stage2_generative", "stage2", "generative"),
+            ("stage3", "stage3", "generative"))
 
 
 def _stage(config_name: str, run_dir: Path, data_root: Path, seed: int, *extra: str) -> Path:
     from elva.config import load_config
-    from elva.train.contrastive import run_training
+    from elva.train import run_stage
 
     path = CONFIGS / config_name
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the demo reads the repository's configs/ folder")
     overrides = [f"run_dir={run_dir}", f"train.seed={seed}", *extra]
-    return run_training(load_config(path, overrides, {"data_dir": str(data_root)}))
+    return run_stage(load_config(path, overrides, {"data_dir": str(data_root)}))
 
 
 def _mean_r5(result: dict) -> float:
     return next(row["R@5"] for row in result["multigrain"] if row["task"] == "mean")
+
+
+def _overall_distance(result: dict) -> float:
+    return next((row["mean_distance"] for row in result["grains"] if row["grain"] == "overall"), float("nan"))
+
+
+def comparison_rows(results: dict[str, dict]) -> list[dict]:
+    """Multi-grain R@5 per task (and their mean), then the overall grain sensitivity, one column per variant."""
+    first = results[VARIANTS[0][0]]
+    rows = []
+    for i, row in enumerate(first["multigrain"]):
+        rows.append({"metric": f"R@5 {row['task_name']}" if row["task"] != "mean" else "R@5 mean",
+                     **{label: results[label]["multigrain"][i]["R@5"] for label, _, _ in VARIANTS}})
+    rows.append({"metric": "grain sensitivity", **{label: _overall_distance(results[label]) for label, _, _ in VARIANTS}})
+    return rows
 
 
 def run(run_dir: Path, *, seed: int = 0, scenes: int = 200) -> dict:
@@ -41,12 +63,52 @@ def run(run_dir: Path, *, seed: int = 0, scenes: int = 200) -> dict:
                          plots=False)
     stage1 = _stage("tiny_stage1.yaml", run_dir / "stage1", data_root, seed)
     stage2 = _stage("tiny_stage2.yaml", run_dir / "stage2", data_root, seed, f"train.init_from={stage1}")
-    trained = evaluate(ElvaEmbedder.from_pretrained(stage2), data_root, run_dir / "eval", progress=False)
+    stage3 = _stage("tiny_stage3.yaml", run_dir / "stage3", data_root, seed, f"train.init_from={stage2}")
+    models = {"stage2": stage2, "stage3": stage3}
+    results = {label: evaluate(ElvaEmbedder.from_pretrained(models[model]), data_root, run_dir / f"eval_{label}",
+                               progress=False, extraction=extraction, plots=label != "stage2_generative")
+               for label, model, extraction in VARIANTS}
 
-    print(f"\nrecall after stages 1-2 (test split)\n{format_table(trained['recall'])}")
-    print(f"\nmulti-grain R@5 per task\n{format_table(trained['multigrain'])}")
-    print(f"\ngrain sensitivity (mean cosine distance when one grain is removed)\n{format_table(trained['grains'])}")
-    before, after = _mean_r5(untrained), _mean_r5(trained)
-    print(f"\nmean multi-grain R@5: untrained {before:.4f} -> stage 2 {after:.4f}")
+    trained = results["stage3"]
+    print(f"\nrecall after stage 3 (test split)\n{format_table(trained['recall'])}")
+    print(f"\ngrain sensitivity after stage 3 (mean cosine distance when one grain is removed)\n"
+          f"{format_table(trained['grains'])}")
+    table = comparison_rows(results)
+    print("\nstage 2 vs stage 3 (stage2: <emb> extraction; *_generative and stage3: summary then [RET])\n"
+          f"{format_table(table)}")
+    before = _mean_r5(untrained)
+    print(f"\nmean multi-grain R@5: untrained {before:.4f} -> stage 2 {_mean_r5(results['stage2']):.4f} -> "
+          f"stage 3 {_mean_r5(results['stage3']):.4f}")
     print(f"outputs: {run_dir}")
-    return {"untrained": untrained, "trained": trained, "r5_before": before, "r5_after": after, "model": stage2}
+    return {"untrained": untrained, **results, "table": table, "r5_before": before,
+            "r5_after": _mean_r5(results["stage2"]), "r5_stage3": _mean_r5(results["stage3"]),
+            "model": stage3, "models": models}
+
+
+def compare(run_dir: Path, seeds: Sequence[int], *, scenes: int = 200) -> list[dict]:
+    """Run the demo once per seed (data, model init and training all seeded) and report, per metric and variant,
+    the mean and the standard deviation over seeds, plus stage 3 minus stage 2 per seed."""
+    from elva.eval import format_table, write_json, write_tsv
+
+    run_dir = Path(run_dir)
+    tables = [run(run_dir / f"seed_{seed}", seed=seed, scenes=scenes)["table"] for seed in seeds]
+    rows = summarize_seeds(tables, seeds)
+    write_tsv(rows, run_dir / "compare.tsv")
+    write_json(rows, run_dir / "compare.json")
+    print(f"\nstage 2 vs stage 3 over seeds {list(seeds)}: mean (std)\n{format_table(rows)}")
+    return rows
+
+
+def summarize_seeds(tables: Sequence[list[dict]], seeds: Sequence[int]) -> list[dict]:
+    rows = []
+    for i, first in enumerate(tables[0]):
+        row = {"metric": first["metric"]}
+        for label, _, _ in VARIANTS:
+            values = [table[i][label] for table in tables]
+            row[f"{label}_mean"] = statistics.fmean(values)
+            row[f"{label}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        gains = [table[i]["stage3"] - table[i]["stage2_generative"] for table in tables]
+        row["stage3_minus_stage2_generative"] = statistics.fmean(gains)
+        row["seeds_improved"] = f"{sum(g > 0 for g in gains)}/{len(seeds)}"
+        rows.append(row)
+    return rows

@@ -43,6 +43,7 @@ __all__ = [
     "build_image_processor",
     "EMB_TOKEN",
     "RET_TOKEN",
+    "GENERATIVE_PROMPT",
     "QWEN_SPECIAL_TOKENS",
     "QWEN2VL_2B_SIZES",
     "QWEN2VL_2B_VOCAB",
@@ -61,6 +62,10 @@ QWEN_SPECIAL_TOKENS = (
     "<|video_pad|>",
 )
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+# Stage 3's generative extraction (SPEC Part B): the model writes a summary, then [RET], whose hidden state is the
+# embedding.
+GENERATIVE_PROMPT = ("Analyze and summarize the key information of the above input. Finally, append the special "
+                     "token [RET] to represent the entire input.")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ATTENTIONS = ("auto", "sdpa", "eager", "flash_attention_2")
@@ -186,6 +191,11 @@ class ModelConfig:
       (LamRA uses ``max_pixels = 300 * 28 * 28`` with Qwen2-VL-7B).
     - ``padding_side``: "right" or "left"; the ``<emb>`` position is found per row, so both give the same embeddings.
     - ``system_prompt``: the Qwen2-VL chat template's default system turn; None or "" drops it.
+
+    > Extraction used by evaluation and mining (training always uses its own stage's)
+
+    - ``extraction``: "emb" (the hidden state before ``<emb>``) or "generative" (greedy summary, then the hidden
+      state at ``[RET]``; written by stage 3); ``generative_max_new_tokens`` caps the summary.
     """
 
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
@@ -202,6 +212,8 @@ class ModelConfig:
     max_pixels: int | None = field(default=None, metadata={"help": "image processor longest_edge (pixels)"})
     padding_side: str = field(default="right", metadata={"help": "right or left"})
     system_prompt: str | None = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "system turn text"})
+    extraction: str = field(default="emb", metadata={"help": "emb (stages 1-2) or generative (stage 3, [RET])"})
+    generative_max_new_tokens: int = field(default=32, metadata={"help": "greedy summary length, generative"})
 
     def __post_init__(self):
         if isinstance(self.lora_target_modules, str):
@@ -221,6 +233,10 @@ class ModelConfig:
             raise ValueError(f"max_text_tokens must be >= 1; got {self.max_text_tokens}")
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right'; got {self.padding_side!r}")
+        if self.extraction not in ("emb", "generative"):
+            raise ValueError(f"extraction must be 'emb' or 'generative'; got {self.extraction!r}")
+        if self.generative_max_new_tokens < 1:
+            raise ValueError(f"generative_max_new_tokens must be >= 1; got {self.generative_max_new_tokens}")
         if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
             raise ValueError(
                 f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels}); lower min_pixels"
@@ -375,6 +391,7 @@ class ChatCollator:
     - ``input_ids`` int64 [B, L], ``attention_mask`` int64 [B, L] (padded on ``padding_side``);
     - ``mm_token_type_ids`` int64 [B, L], 1 on ``<|image_pad|>`` tokens;
     - ``emb_index`` int64 [B]: the position one before the first ``<emb>`` of each row (the pooled position);
+      absent with ``generative=True``, which renders stage 3's open-ended prompt, left-padded, for generation;
     - when any item has an image: ``pixel_values`` float32 [sum of patches, 3*2*14*14] and ``image_grid_thw``
       int64 [n_images, 3], in row order.
 
@@ -407,20 +424,20 @@ class ChatCollator:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else vocab["<|endoftext|>"]
         self.merge_size = int(getattr(image_processor, "merge_size", 2))
 
-    def render(self, text: str | None, has_image: bool, n_image_tokens: int = 0) -> str:
-        """The chat text of one input, with ``n_image_tokens`` image placeholders."""
-        if has_image and text:
-            what = "image and sentence"
-        elif has_image:
-            what = "image"
-        else:
-            what = "sentence"
+    def render(self, text: str | None, has_image: bool, n_image_tokens: int = 0, generative: bool = False) -> str:
+        """The chat text of one input, with ``n_image_tokens`` image placeholders. ``generative`` renders stage 3's
+        prompt and leaves the assistant turn open for the summary and ``[RET]``."""
         user = ""
         if has_image:
             user += "<|vision_start|>" + "<|image_pad|>" * n_image_tokens + "<|vision_end|>"
-        user += f"{text or ''}\nSummarize above {what} in one word: "
+        if generative:
+            user += f"{text or ''}\n{GENERATIVE_PROMPT}"
+        else:
+            what = "image and sentence" if has_image and text else "image" if has_image else "sentence"
+            user += f"{text or ''}\nSummarize above {what} in one word: "
         system = f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n" if self.system_prompt else ""
-        return f"{system}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{EMB_TOKEN}.<|im_end|>\n"
+        prompt = f"{system}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        return prompt if generative else f"{prompt}{EMB_TOKEN}.<|im_end|>\n"
 
     def _truncate(self, text: str) -> str:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -428,7 +445,8 @@ class ChatCollator:
             return text
         return self.tokenizer.decode(ids[: self.max_text_tokens])
 
-    def __call__(self, items: Sequence[Item], instructions: str | Sequence[str | None] | None = None) -> dict:
+    def __call__(self, items: Sequence[Item], instructions: str | Sequence[str | None] | None = None, *,
+                 generative: bool = False) -> dict:
         items = list(items)
         if not items:
             raise ValueError("items must hold at least one item; got an empty list")
@@ -461,24 +479,27 @@ class ChatCollator:
                 n_tokens[row] = int(g.prod()) // (self.merge_size**2)
 
         rows = [
-            self.tokenizer(self.render(t, im is not None, n), add_special_tokens=False)["input_ids"]
+            self.tokenizer(self.render(t, im is not None, n, generative), add_special_tokens=False)["input_ids"]
             for t, im, n in zip(texts, images, n_tokens)
         ]
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        left = generative or self.padding_side == "left"  # generation continues every prompt at the same column
         for i, r in enumerate(rows):
-            sl = slice(0, len(r)) if self.padding_side == "right" else slice(width - len(r), width)
+            sl = slice(width - len(r), width) if left else slice(0, len(r))
             input_ids[i, sl] = torch.tensor(r, dtype=torch.long)
             attention_mask[i, sl] = 1
+        batch["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
+        batch["input_ids"] = input_ids
+        batch["attention_mask"] = attention_mask
+        if generative:
+            return batch
         is_emb = (input_ids == self.emb_token_id) & attention_mask.bool()
         if not bool(is_emb.any(dim=1).all()):
             bad = (~is_emb.any(dim=1)).nonzero().flatten().tolist()
             raise ValueError(f"rows {bad} have no {EMB_TOKEN} token after tokenisation; the tokenizer must keep "
                              f"{EMB_TOKEN} as one special token")
-        batch["input_ids"] = input_ids
-        batch["attention_mask"] = attention_mask
-        batch["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
         batch["emb_index"] = is_emb.long().argmax(dim=1) - 1
         return batch
 
@@ -771,6 +792,16 @@ class ElvaEmbedder(nn.Module):
         finally:
             self.train(was_training)
         return torch.cat(out)
+
+
+    def generate_embed(self, items: Sequence[Item], instructions=None, *, sample: bool = False,
+                       temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 32):
+        """Stage 3's generative embeddings: a summary, then ``[RET]``, whose hidden state is the embedding. Returns
+        an :class:`elva.generative.Generation` (token ids, their log-probs, embeddings); see that module."""
+        from elva.generative import generate_embed
+
+        return generate_embed(self, items, instructions, sample=sample, temperature=temperature, top_p=top_p,
+                              max_new_tokens=max_new_tokens)
 
 
 def _enable_checkpointing(model) -> None:

@@ -68,6 +68,10 @@ done
 step "elva bench train" 50 "$OUT/bench_train.log" \
   "$PYTHON" -m elva.cli bench train --size 2b --batch-size 16 --steps 5
 tail -n 1 "$OUT/bench_train.log" | sed 's/^/   /' || true
+# Stage-3 GRPO throughput of the same model: 8 queries x 8 rollouts, 101 candidates, <= 32 summary tokens.
+step "elva bench rl" 90 "$OUT/bench_rl.log" \
+  "$PYTHON" -m elva.cli bench rl --size 2b --queries 8 --group-size 8 --candidates 101 --max-new-tokens 32 --steps 3
+tail -n 1 "$OUT/bench_rl.log" | sed 's/^/   /' || true
 
 echo
 echo "== benchmark rows of this run ($OUT/compare.csv; full tables in $OUT/*.md)"

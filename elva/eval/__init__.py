@@ -21,10 +21,10 @@ from pathlib import Path
 
 from elva.data.mbeir import load_instructions
 from elva.eval.grains import grain_sensitivity, multigrain_r5
-from elva.eval.report import format_table, write_report
+from elva.eval.report import format_table, write_json, write_report, write_tsv
 from elva.eval.retrieval import EvalSources, QuerySet, evaluate_recall
 
-__all__ = ["EvalSources", "QuerySet", "evaluate", "find_sources", "format_table"]
+__all__ = ["EvalSources", "QuerySet", "evaluate", "find_sources", "format_table", "write_json", "write_tsv"]
 
 
 def _name_of(query_file: Path, split: str) -> str:
@@ -102,9 +102,11 @@ def find_sources(data_root_or_manifest, split: str = "test") -> EvalSources:
 
 
 def evaluate(embedder, data_root_or_manifest, out_dir, *, batch_size: int = 32, ks: Sequence[int] = (1, 5, 10),
-             split: str = "test", grains: bool = True, plots: bool = True, progress: bool = True) -> dict:
+             split: str = "test", grains: bool = True, plots: bool = True, progress: bool = True,
+             extraction: str | None = None) -> dict:
     """Evaluate ``embedder`` (anything with ``embed(items, instructions=None, batch_size=32) -> [n, d]``) and write
-    the report into ``out_dir``.
+    the report into ``out_dir``. For an ElvaEmbedder, ``extraction`` picks "emb" or "generative" (greedy summary,
+    then ``[RET]``); None uses the model's own (``config.extraction``).
 
     Returns {"recall": rows, "grains": rows, "multigrain": rows, "files": [str paths]}:
 
@@ -112,6 +114,9 @@ def evaluate(embedder, data_root_or_manifest, out_dir, *, batch_size: int = 32, 
     - grains: mean masked-grain cosine distance per grain type and "overall" (empty for data without text grains);
     - multigrain: R@5 per task on the synthetic benchmark's local pools, and their mean (empty for other data).
     """
+    from elva.generative import encoder_for
+
+    embedder = encoder_for(embedder, extraction)
     sources = find_sources(data_root_or_manifest, split)
     instructions = load_instructions(sources.instructions) if sources.instructions is not None else None
     loaded: dict = {}

@@ -19,16 +19,14 @@ when ``train.merge_lora_at_end``). Only rank 0 writes.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
-import math
 import os
 import random
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -36,10 +34,12 @@ import torch.distributed as dist
 
 from elva.config import RunConfig, config_to_dict, load_config, save_config, unresolved_placeholders
 from elva.train import checkpoint
+from elva.train.loop import (CsvLogger, ShardedBatchSampler, average_gradients, build_model, cosine_with_warmup,
+                             init_distributed, mbeir_item)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_training", "Pair", "NliPairDataset", "MBeirPairDataset", "ShardedBatchSampler", "main"]
+__all__ = ["run_training", "Pair", "NliPairDataset", "MBeirPairDataset", "main"]
 
 _LOG_COLUMNS = ("step", "loss", "lr", "seconds", "samples_per_s")
 
@@ -52,23 +52,6 @@ class Pair:
     query: Any  # an ElvaEmbedder item: str, PIL image or (image, text)
     instruction: str | None
     candidate: Any
-
-
-def _load_image(image_root: str, relative: str, origin: str):
-    from PIL import Image
-
-    from elva.data.mbeir import resolve_image
-
-    with Image.open(resolve_image(image_root, relative, referenced_by=origin)) as image:
-        return image.convert("RGB")
-
-
-def _item(text: str | None, image_path: str | None, modality: str, image_root: str, origin: str):
-    image = _load_image(image_root, image_path, origin) if "image" in modality else None
-    text = text if "text" in modality else None
-    if image is not None and text:
-        return (image, text)
-    return image if image is not None else text
 
 
 class NliPairDataset(torch.utils.data.Dataset):
@@ -113,48 +96,10 @@ class MBeirPairDataset(torch.utils.data.Dataset):
         positive = self.pool[rng.choice(q.pos_cand_list)]
         instruction = rng.choice(self.instructions.for_query(q, positive))
         return Pair(
-            _item(q.query_txt, q.query_img_path, q.query_modality, self.image_root, q.origin),
+            mbeir_item(q.query_txt, q.query_img_path, q.query_modality, self.image_root, q.origin),
             instruction,
-            _item(positive.txt, positive.img_path, positive.modality, self.image_root, positive.origin),
+            mbeir_item(positive.txt, positive.img_path, positive.modality, self.image_root, positive.origin),
         )
-
-
-class ShardedBatchSampler(torch.utils.data.Sampler):
-    """Endless micro-batches of ``(index, epoch)`` keys: this rank's contiguous shard of each global micro-batch.
-
-    Epoch ``e`` visits ``randperm(n)`` seeded by (seed, e); its global micro-batch ``b`` is
-    ``perm[b*G:(b+1)*G]`` (G = ``global_batch``; the last partial batch is dropped) and rank r reads rows
-    ``[r*G/W, (r+1)*G/W)`` of it, so the ranks' candidates gathered in rank order are the global batch in order.
-    ``start`` = (epoch, batch) is the position to resume from.
-    """
-
-    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, start: tuple[int, int] = (0, 0)):
-        if global_batch % world:
-            raise ValueError(f"the micro-batch (batch_size / grad_accum = {global_batch}) must be divisible by the "
-                             f"world size ({world}); change train.batch_size or train.grad_accum")
-        if n < global_batch:
-            raise ValueError(f"the dataset has {n} pairs, fewer than one micro-batch ({global_batch}); lower "
-                             "train.batch_size or raise train.grad_accum")
-        self.n, self.global_batch, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
-        self.batches_per_epoch = n // global_batch
-        self.epoch, self.batch = start
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        per_rank = self.global_batch // self.world
-        while True:
-            perm = self._perm(self.epoch)
-            while self.batch < self.batches_per_epoch:
-                lo = self.batch * self.global_batch + self.rank * per_rank
-                keys = [(int(i), self.epoch) for i in perm[lo:lo + per_rank]]
-                self.batch += 1  # the position after this batch: what a checkpoint taken now resumes from
-                yield keys
-            self.epoch, self.batch = self.epoch + 1, 0
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch
 
 
 def _build_dataset(config: RunConfig) -> torch.utils.data.Dataset:
@@ -171,124 +116,6 @@ def _build_dataset(config: RunConfig) -> torch.utils.data.Dataset:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Model, optimizer, schedule
-# --------------------------------------------------------------------------------------------------------------------
-def _build_model(config: RunConfig):
-    from elva.model import ElvaEmbedder
-
-    mcfg = {k: v for k, v in config.model.to_dict().items() if v is not None}
-    source = config.train.init_from or config.model_path
-    if source == "tiny":
-        model = ElvaEmbedder.tiny(seed=config.train.seed, config=mcfg)
-    else:
-        model = ElvaEmbedder.from_pretrained(source, config=mcfg)
-    if not model.trainable_parameters():
-        raise ValueError(f"the model has no trainable parameters (model.lora_r={config.model.lora_r}); set "
-                         "model.lora_r > 0")
-    return model
-
-
-def _cosine_with_warmup(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Distributed
-# --------------------------------------------------------------------------------------------------------------------
-def _init_distributed() -> tuple[int, int, bool]:
-    """(rank, world size, whether this call created the process group); torchrun's env when WORLD_SIZE > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    if world <= 1:
-        return 0, 1, False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
-    return dist.get_rank(), dist.get_world_size(), True
-
-
-def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
-    """Average the gradients over ranks in one flat all-reduce.
-
-    Each rank's loss is the mean over its own queries against all gathered candidates, and the gather's backward has
-    already summed every rank's gradient into the rows each rank owns; averaging the ranks' gradients therefore gives
-    the gradient of the global mean loss, as one process on the whole batch would.
-    """
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Logging
-# --------------------------------------------------------------------------------------------------------------------
-class _Logger:
-    """Rank 0's CSV (and TensorBoard when importable). On resume, rows after the checkpoint's step are dropped."""
-
-    def __init__(self, run_dir: Path, resume_step: int):
-        self.path = run_dir / "logs.csv"
-        rows = []
-        if resume_step > 0 and self.path.exists():
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        with open(self.path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=_LOG_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        self.tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        except Exception:  # tensorboard not installed: CSV only
-            self.tb = None
-
-    def log(self, row: dict) -> None:
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=_LOG_COLUMNS).writerow(row)
-        if self.tb is not None:
-            for key in ("loss", "lr", "samples_per_s"):
-                self.tb.add_scalar(f"train/{key}", row[key], row["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        self.plot()
-
-    def plot(self) -> None:
-        """run_dir/loss.png: the training loss by step."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        with open(self.path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        if not rows:
-            return
-        figure, axes = plt.subplots(figsize=(6, 3.5))
-        axes.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows])
-        axes.set(xlabel="step", ylabel="InfoNCE loss", title=self.path.parent.name)
-        figure.tight_layout()
-        figure.savefig(self.path.with_name("loss.png"), dpi=100)
-        plt.close(figure)
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------------------------
 def run_training(config: RunConfig) -> Path:
@@ -297,11 +124,13 @@ def run_training(config: RunConfig) -> Path:
     Under torchrun (WORLD_SIZE > 1) the process group is created from the environment (nccl on CUDA, gloo on CPU)
     unless one exists; every rank returns the same path once rank 0 has written it.
     """
+    if config.train.stage == 3:
+        raise ValueError("train.stage 3 is GRPO: use elva.train.run_grpo (or run_stage, which picks by stage)")
     unresolved = unresolved_placeholders(config)
     if unresolved:
         raise ValueError(f"config values still hold placeholders: {unresolved}; pass variables to load_config "
                          "(the CLI's --data-dir fills ${data_dir})")
-    rank, world, owns_group = _init_distributed()
+    rank, world, owns_group = init_distributed()
     try:
         return _train(config, rank, world)
     finally:
@@ -329,7 +158,7 @@ def _train(config: RunConfig, rank: int, world: int) -> Path:
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     torch.manual_seed(tc.seed)
-    model = _build_model(config).to(device)
+    model = build_model(config).to(device)
     model.train()
     named = {n: p for n, p in model.model.named_parameters() if p.requires_grad}
     params = list(named.values())
@@ -343,7 +172,7 @@ def _train(config: RunConfig, rank: int, world: int) -> Path:
                          "set train.max_steps or raise train.epochs")
 
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(tc.warmup_steps, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(tc.warmup_steps, total_steps))
 
     step, position = 0, (0, 0)
     # Dropout and other in-training randomness differ per rank; the data order does not depend on it.
@@ -364,7 +193,7 @@ def _train(config: RunConfig, rank: int, world: int) -> Path:
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=list, num_workers=0)
     batches = iter(loader)
     use_autocast = tc.bf16 and device.type == "cuda"
-    log = _Logger(run_dir, step) if rank == 0 else None
+    log = CsvLogger(run_dir, step, _LOG_COLUMNS, "loss", "InfoNCE loss") if rank == 0 else None
     window_losses: list[torch.Tensor] = []
     window_start, window_steps = time.perf_counter(), 0
 
@@ -380,7 +209,7 @@ def _train(config: RunConfig, rank: int, world: int) -> Path:
             (loss / tc.grad_accum).backward()
             step_loss += loss.detach() / tc.grad_accum
         if world > 1:
-            _average_gradients(params, world)
+            average_gradients(params, world)
             dist.all_reduce(step_loss)
             step_loss /= world
         if tc.max_grad_norm is not None:

@@ -1,17 +1,18 @@
 """Run configuration for the trainer: dataclasses <-> YAML, dotted ``key=value`` overrides, the resolved config per run.
 
-A run file has four sections (every key optional; defaults below)::
+A run file has these sections (every key optional; defaults below)::
 
     run_dir: runs/tiny_stage2
     model_path: tiny                # "tiny" (the built-in random Qwen2-VL) or a local Qwen2-VL folder
     model: {lora_r: 8, lora_alpha: 16, lora_dropout: 0.0}     # elva.model.ModelConfig
     data:
-      kind: mbeir                   # "nli" (stage 1) or "mbeir" (stage 2)
+      kind: mbeir                   # "nli" (stage 1) or "mbeir" (stages 2 and 3)
       queries: [${data_dir}/query/train/mbeir_multigrain_task0_train.jsonl]
       pool: ${data_dir}/cand_pool/global/mbeir_multigrain_train_cand_pool.jsonl
       instructions: ${data_dir}/instructions/query_instructions.tsv
       image_root: ${data_dir}
     train: {stage: 2, lr: 1.0e-4, batch_size: 960, epochs: 1, temperature: 0.05}
+    rl: {group_size: 8, beta: 0.2, clip: 0.2, reward: {alpha: 0.4, eps: 0.6}}   # stage 3 only (RlConfig)
 
 ``${name}`` in any string is replaced from ``variables`` (the CLI passes ``data_dir``); a placeholder left unresolved is
 reported when the run starts. Overrides are ``"train.lr=3e-4"``, ``"model.lora_r=16"``, ``"data.queries=[a,b]"``; values
@@ -40,11 +41,12 @@ class DataConfig:
 
     > kind "nli" (stage 1): ``nli_pairs``, a .tsv/.csv/.jsonl with sent0 (anchor) and sent1 (positive).
 
-    > kind "mbeir" (stage 2): ``queries`` (one or more M-BEIR query jsonl files), ``pool`` (the candidate pool jsonl
+    > kind "mbeir" (stages 2-3): ``queries`` (one or more M-BEIR query jsonl files), ``pool`` (the candidate pool jsonl
     holding every positive), ``instructions`` (the instruction tsv) and ``image_root`` (image paths are relative to it).
+    Stage 3 also reads ``negatives`` and ``query_fraction``.
     """
 
-    kind: str = field(default="mbeir", metadata={"help": "nli (stage 1) or mbeir (stage 2)"})
+    kind: str = field(default="mbeir", metadata={"help": "nli (stage 1) or mbeir (stages 2-3)"})
     nli_pairs: str | None = field(default=None, metadata={"help": "NLI pairs file (kind nli)"})
     queries: list[str] = field(default_factory=list, metadata={"help": "M-BEIR query jsonl files (kind mbeir)"})
     pool: str | None = field(default=None, metadata={"help": "M-BEIR candidate pool jsonl (kind mbeir)"})

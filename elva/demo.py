@@ -65,8 +65,11 @@ def run(run_dir: Path, *, seed: int = 0, scenes: int = 200) -> dict:
     stage2 = _stage("tiny_stage2.yaml", run_dir / "stage2", data_root, seed, f"train.init_from={stage1}")
     stage3 = _stage("tiny_stage3.yaml", run_dir / "stage3", data_root, seed, f"train.init_from={stage2}")
     models = {"stage2": stage2, "stage3": stage3}
-    results = {label: evaluate(ElvaEmbedder.from_pretrained(models[model]), data_root, run_dir / f"eval_{label}",
-                               progress=False, extraction=extraction, plots=label != "stage2_generative")
+    # Stage 2 read through [RET] gets stage 3's summary cap, so only the RL differs between those two columns.
+    summary_cap = ElvaEmbedder.from_pretrained(stage3).config.generative_max_new_tokens
+    results = {label: evaluate(ElvaEmbedder.from_pretrained(models[model], generative_max_new_tokens=summary_cap),
+                               data_root, run_dir / f"eval_{label}", progress=False, extraction=extraction,
+                               plots=label != "stage2_generative")
                for label, model, extraction in VARIANTS}
 
     trained = results["stage3"]

@@ -101,7 +101,7 @@ class RlExample:
 
 
 class RlDataset(torch.utils.data.Dataset):
-    """Stage 3's queries (``data.query_fraction`` of each query file, drawn with the seed) with their negatives.
+    """Stage 3's queries (``data.query_fraction`` of each dataset, drawn with the seed) with their negatives.
 
     Keys are ``(index, epoch)``; the positive (when a query lists several) and the instruction variant are drawn
     from (seed, epoch, index) as in stage 2, so a resumed run sees the same examples.
@@ -138,15 +138,19 @@ class RlDataset(torch.utils.data.Dataset):
 
 
 def select_queries(query_files: Sequence[str], pool, fraction: float, seed: int) -> list:
-    """``fraction`` of each file's queries (at least one), the same subset for a given seed."""
+    """``fraction`` of each dataset's queries in each file (at least one per dataset), the same subset for a given
+    seed: the paper's "1% of each M-BEIR training dataset" also from the union file."""
     from elva.data.mbeir import load_queries
 
     chosen = []
     for path in query_files:
-        queries = load_queries(path, pool=pool)
-        keep = max(1, round(fraction * len(queries)))
-        rows = sorted(random.Random(f"{seed}/{Path(path).name}").sample(range(len(queries)), keep))
-        chosen += [queries[i] for i in rows]
+        by_dataset: dict[str, list] = {}
+        for query in load_queries(path, pool=pool):
+            by_dataset.setdefault(query.dataset_id, []).append(query)
+        for dataset_id, queries in by_dataset.items():
+            keep = max(1, round(fraction * len(queries)))
+            rows = sorted(random.Random(f"{seed}/{Path(path).name}/{dataset_id}").sample(range(len(queries)), keep))
+            chosen += [queries[i] for i in rows]
     return chosen
 
 

@@ -36,6 +36,28 @@ def test_bench_train_on_the_tiny_model(capsys):
     assert "ms/step" in capsys.readouterr().out
 
 
+def test_bench_rl_on_the_tiny_model(capsys):
+    assert main(["bench", "rl", "--size", "tiny", "--queries", "2", "--group-size", "4", "--candidates", "5",
+                 "--max-new-tokens", "3", "--steps", "1", "--image-size", "56"]) == 0
+    assert "rollouts/s" in capsys.readouterr().out
+
+
+def test_train_command_runs_stage_three_and_eval_reads_it_through_ret(tmp_path, capsys):
+    data = tmp_path / "data"
+    main(["make-data", "--out", str(data), "--scenes", "24"])
+    stage3 = ["train", "--config", "configs/tiny_stage3.yaml", "--data-dir", str(data), f"run_dir={tmp_path / 's3'}",
+              "train.max_steps=2", "train.batch_size=4", "rl.group_size=2", "rl.n_hard=2", "rl.n_random=2"]
+    assert main(stage3) == 0
+    model = tmp_path / "s3" / "model"
+    assert main(["eval", "--data", str(data), "--model", str(model), "--out", str(tmp_path / "eval")]) == 0
+    assert main(["eval", "--data", str(data), "--model", str(model), "--out", str(tmp_path / "eval_emb"),
+                 "--extraction", "emb"]) == 0
+    from elva.generative import GenerativeEncoder, encoder_for
+    from elva.model import ElvaEmbedder
+
+    assert isinstance(encoder_for(ElvaEmbedder.from_pretrained(model)), GenerativeEncoder)  # eval's default here
+
+
 def test_train_command_writes_the_run_folder_and_resumes(tmp_path):
     data = tmp_path / "data"
     main(["make-data", "--out", str(data), "--scenes", "40"])

@@ -1,5 +1,5 @@
-"""Stage 3 (GRPO): the loss against a hand-written computation, KL 0 at step 0, zero-variance groups, the reward
-rising on the tiny model, kill-and-resume, torchrun, logs and input errors."""
+"""Stage 3 (GRPO): the loss against a hand-written computation, KL 0 at step 0, zero-variance groups, policy
+improvement on fixed rollouts, a run's logs and model, kill-and-resume, torchrun and input errors."""
 from __future__ import annotations
 
 import csv
@@ -146,14 +146,48 @@ def test_kl_is_zero_and_the_ratio_one_at_step_zero(stage2, tmp_path):
     assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.trainable_parameters())
 
 
-def test_stage3_raises_the_mean_reward_and_writes_everything(stage2, tmp_path):
+def test_updates_move_probability_to_the_better_rollouts(stage2, tmp_path):
+    """Policy improvement on one fixed batch: a few clipped-ratio updates raise the advantage-weighted mean
+    log-probability of the rollouts (the direction GRPO is meant to move the policy)."""
+    from elva.generative import score_completions
+    from elva.train.grpo import _mine_negatives
+    from elva.train.loop import build_model
+
+    config = _config(stage2, tmp_path / "run", "rl.beta=0.0")
+    torch.manual_seed(1)
+    model = build_model(config)
+    model.merge_lora().add_lora()
+    model.eval()
+    dataset = RlDataset(config, _mine_negatives(model, config, tmp_path / "negatives.jsonl"))
+    rollouts = collect_rollouts(model, [dataset[(i, 0)] for i in range(4)], config.rl)
+    generation = rollouts.generations[0]
+    advantages = rollouts.rewards.advantages.flatten()
+    mask = generation.completion_mask.double()
+
+    def weighted() -> float:
+        with torch.no_grad():
+            logprobs, _ = score_completions(model, generation.prompt, generation.completion_ids,
+                                            generation.ret_index, generation.temperature)
+        per_sequence = (logprobs.double() * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return float((advantages.double() * per_sequence).mean())
+
+    before = weighted()
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+    for _ in range(4):
+        loss, _ = policy_loss(model, rollouts, config.rl)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert weighted() > before + 1e-3, (before, weighted())
+
+
+def test_stage3_runs_logs_trl_metrics_and_saves_a_generative_model(stage2, tmp_path):
     run_dir = tmp_path / "run"
-    out = run_grpo(_config(stage2, run_dir, "train.max_steps=30", "train.log_every=5", "train.save_every=15"))
+    out = run_grpo(_config(stage2, run_dir, "train.max_steps=12", "train.log_every=3", "train.save_every=6",
+                           "data.query_fraction=0.01", "train.batch_size=4", "rl.aux_weight=1.0"))
     rows = _rows(run_dir)
-    assert list(rows[0]) == list(LOG_COLUMNS)
-    rewards = [float(r["reward"]) for r in rows]
-    assert len(rewards) == 6
-    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2, rewards
+    assert list(rows[0]) == list(LOG_COLUMNS) and len(rows) == 4
+    assert all(0 <= float(r["frac_reward_zero_std"]) <= 1 and float(r["completion_length"]) > 0 for r in rows)
     assert float(rows[0]["kl"]) < float(rows[-1]["kl"])  # the policy moved away from the reference
     samples = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
     assert samples and {"step", "qid", "summary", "reward", "advantage", "positive_rank"} <= set(samples[0])

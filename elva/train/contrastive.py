@@ -18,9 +18,7 @@ when ``train.merge_lora_at_end``). Only rank 0 writes.
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import random
 import shutil
 import time
@@ -32,10 +30,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from elva.config import RunConfig, config_to_dict, load_config, save_config, unresolved_placeholders
-from elva.train import checkpoint
-from elva.train.loop import (CsvLogger, ShardedBatchSampler, average_gradients, build_model, cosine_with_warmup,
-                             init_distributed, mbeir_item)
+from elva.config import RunConfig
+from elva.train.loop import (CsvLogger, ShardedBatchSampler, average_gradients, build_model, check_resolved,
+                             cosine_with_warmup, mbeir_item, open_run_dir, run_on_ranks, resume, save_checkpoint,
+                             stage_main)
 
 logger = logging.getLogger(__name__)
 
@@ -74,14 +72,19 @@ class MBeirPairDataset(torch.utils.data.Dataset):
     """Stage 2: (query item with its task instruction, positive candidate item); keys are ``(index, epoch)``.
 
     The positive (when a query lists several) and the instruction variant are drawn from ``random.Random`` seeded by
-    (seed, epoch, index), so a resumed run sees exactly the pairs of an uninterrupted one.
+    (seed, epoch, index), so a resumed run sees exactly the pairs of an uninterrupted one. ``query_fraction`` < 1
+    keeps that fraction of each dataset's queries (:func:`select_queries`).
     """
 
-    def __init__(self, query_files: Sequence[str], pool: str, instructions: str, image_root: str, seed: int = 0):
+    def __init__(self, query_files: Sequence[str], pool: str, instructions: str, image_root: str, seed: int = 0,
+                 query_fraction: float = 1.0):
         from elva.data.mbeir import load_instructions, load_pool, load_queries
 
         self.pool = load_pool(pool)
-        self.queries = [q for path in query_files for q in load_queries(path, pool=self.pool)]
+        if query_fraction < 1:
+            self.queries = select_queries(query_files, self.pool, query_fraction, seed)
+        else:
+            self.queries = [q for path in query_files for q in load_queries(path, pool=self.pool)]
         self.instructions = load_instructions(instructions)
         self.image_root = image_root
         self.seed = seed
@@ -89,17 +92,41 @@ class MBeirPairDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.queries)
 
-    def __getitem__(self, key) -> Pair:
+    def draw(self, key):
+        """(query record, positive record, instruction) for ``(index, epoch)``."""
         index, epoch = key
         q = self.queries[index]
         rng = random.Random(f"{self.seed}/{epoch}/{index}")
         positive = self.pool[rng.choice(q.pos_cand_list)]
-        instruction = rng.choice(self.instructions.for_query(q, positive))
-        return Pair(
-            mbeir_item(q.query_txt, q.query_img_path, q.query_modality, self.image_root, q.origin),
-            instruction,
-            mbeir_item(positive.txt, positive.img_path, positive.modality, self.image_root, positive.origin),
-        )
+        return q, positive, rng.choice(self.instructions.for_query(q, positive))
+
+    def item(self, record):
+        """The ElvaEmbedder item of a query or candidate record."""
+        if hasattr(record, "query_modality"):
+            return mbeir_item(record.query_txt, record.query_img_path, record.query_modality, self.image_root,
+                              record.origin)
+        return mbeir_item(record.txt, record.img_path, record.modality, self.image_root, record.origin)
+
+    def __getitem__(self, key) -> Pair:
+        q, positive, instruction = self.draw(key)
+        return Pair(self.item(q), instruction, self.item(positive))
+
+
+def select_queries(query_files: Sequence[str], pool, fraction: float, seed: int) -> list:
+    """``fraction`` of each dataset's queries in each file (at least one per dataset), the same subset for a given
+    seed: the paper's "1% of each M-BEIR training dataset" also from the union file."""
+    from elva.data.mbeir import load_queries
+
+    chosen = []
+    for path in query_files:
+        by_dataset: dict[str, list] = {}
+        for query in load_queries(path, pool=pool):
+            by_dataset.setdefault(query.dataset_id, []).append(query)
+        for dataset_id, queries in by_dataset.items():
+            keep = max(1, round(fraction * len(queries)))
+            rows = sorted(random.Random(f"{seed}/{Path(path).name}/{dataset_id}").sample(range(len(queries)), keep))
+            chosen += [queries[i] for i in rows]
+    return chosen
 
 
 def _build_dataset(config: RunConfig) -> torch.utils.data.Dataset:
@@ -126,16 +153,8 @@ def run_training(config: RunConfig) -> Path:
     """
     if config.train.stage == 3:
         raise ValueError("train.stage 3 is GRPO: use elva.train.run_grpo (or run_stage, which picks by stage)")
-    unresolved = unresolved_placeholders(config)
-    if unresolved:
-        raise ValueError(f"config values still hold placeholders: {unresolved}; pass variables to load_config "
-                         "(the CLI's --data-dir fills ${data_dir})")
-    rank, world, owns_group = init_distributed()
-    try:
-        return _train(config, rank, world)
-    finally:
-        if owns_group:
-            dist.destroy_process_group()
+    check_resolved(config)
+    return run_on_ranks(_train, config)
 
 
 def _train(config: RunConfig, rank: int, world: int) -> Path:
@@ -146,13 +165,7 @@ def _train(config: RunConfig, rank: int, world: int) -> Path:
     group = dist.group.WORLD if world > 1 else None
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
 
-    resume_from = checkpoint.latest(run_dir) if tc.resume else None
-    if not tc.resume and checkpoint.latest(run_dir) is not None:
-        raise ValueError(f"{run_dir} already holds checkpoints ({checkpoint.latest(run_dir).name}); set "
-                         "train.resume=true to continue it, or choose a new run_dir")
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
+    resume_from = open_run_dir(config, rank)
 
     # The model (and its fresh LoRA) is built from the same seed on every rank, so all ranks start identical.
     random.seed(tc.seed)
@@ -174,20 +187,8 @@ def _train(config: RunConfig, rank: int, world: int) -> Path:
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(tc.warmup_steps, total_steps))
 
-    step, position = 0, (0, 0)
-    # Dropout and other in-training randomness differ per rank; the data order does not depend on it.
-    torch.manual_seed(tc.seed + 7919 * rank)
-    if resume_from is not None:
-        state = checkpoint.load(resume_from)
-        checkpoint.load_into_model(named, state["adapter"], where=str(resume_from))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = int(state["step"])
-        position = (int(state["data_position"]["epoch"]), int(state["data_position"]["batch"]))
-        checkpoint.set_rng_state(state["rng"])  # rank 0's states; other ranks re-derive their own below
-        if rank > 0:
-            torch.manual_seed(tc.seed + 7919 * rank + step)
-        logger.info("resumed from %s (step %d, epoch %d, batch %d)", resume_from, step, *position)
+    # In-training randomness (dropout, rollout sampling) differs per rank; the data order does not depend on it.
+    step, position = resume(resume_from, named, optimizer, scheduler, tc.seed, rank)
 
     sampler = ShardedBatchSampler(len(dataset), micro_global, rank, world, tc.seed, start=position)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=list, num_workers=0)
@@ -232,13 +233,7 @@ def _train(config: RunConfig, rank: int, world: int) -> Path:
             window_losses, window_start, window_steps = [], time.perf_counter(), 0
 
         if step % tc.save_every == 0 or step == total_steps:
-            if rank == 0:
-                checkpoint.save(run_dir, step, {n: p.detach() for n, p in named.items()}, optimizer, scheduler,
-                                data_position={"epoch": sampler.epoch, "batch": sampler.batch,
-                                               "micro_batch_global": micro_global, "world_size": world},
-                                config=config_to_dict(config), keep_last=tc.keep_last)
-            if world > 1:
-                dist.barrier()
+            save_checkpoint(config, step, named, optimizer, scheduler, sampler, rank, world)
 
     if log is not None:
         log.close()
@@ -258,19 +253,7 @@ def _train(config: RunConfig, rank: int, world: int) -> Path:
 # Command line (the `elva train` command calls run_training the same way)
 # --------------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m elva.train.contrastive", description=__doc__.split("\n")[0])
-    parser.add_argument("config", help="run YAML file")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
-    parser.add_argument("--data-dir", default=None, help="fills ${data_dir} in the config")
-    parser.add_argument("--resume", action="store_true", help="same as train.resume=true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
-    variables = {"data_dir": args.data_dir} if args.data_dir else {}
-    out = run_training(load_config(args.config, overrides, variables))
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(out)
-    return 0
+    return stage_main(argv, "python -m elva.train.contrastive", __doc__.split("\n")[0], run_training)
 
 
 if __name__ == "__main__":

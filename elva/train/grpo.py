@@ -22,7 +22,6 @@ rollouts go to ``rollouts.jsonl``, and checkpoints and resume work as in stages 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -37,11 +36,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from elva.config import RlConfig, RunConfig, config_to_dict, load_config, save_config, unresolved_placeholders
+from elva.config import RlConfig, RunConfig
 from elva.generative import Generation, generate_embed, score_completions
-from elva.train import checkpoint
-from elva.train.loop import (CsvLogger, ShardedBatchSampler, average_gradients, build_model, cosine_with_warmup,
-                             init_distributed, mbeir_item)
+from elva.train.contrastive import MBeirPairDataset, select_queries
+from elva.train.loop import (CsvLogger, ShardedBatchSampler, average_gradients, build_model, check_resolved,
+                             cosine_with_warmup, open_run_dir, run_on_ranks, resume, save_checkpoint,
+                             stage_main)
 
 logger = logging.getLogger(__name__)
 
@@ -100,58 +100,20 @@ class RlExample:
     candidates: list  # the positive first, then the negatives
 
 
-class RlDataset(torch.utils.data.Dataset):
-    """Stage 3's queries (``data.query_fraction`` of each dataset, drawn with the seed) with their negatives.
-
-    Keys are ``(index, epoch)``; the positive (when a query lists several) and the instruction variant are drawn
-    from (seed, epoch, index) as in stage 2, so a resumed run sees the same examples.
-    """
+class RlDataset(MBeirPairDataset):
+    """Stage 3's queries (``data.query_fraction`` of each dataset, drawn with the seed), each with its positive (drawn
+    as in stage 2, so a resumed run sees the same examples) followed by its mined negatives."""
 
     def __init__(self, config: RunConfig, negatives: str | os.PathLike):
-        from elva.data.mbeir import load_instructions, load_pool
-
         d = config.data
-        self.pool = load_pool(d.pool)
-        self.instructions = load_instructions(d.instructions)
-        self.image_root = d.image_root
-        self.seed = config.train.seed
-        self.queries = select_queries(d.queries, self.pool, d.query_fraction, self.seed)
+        super().__init__(d.queries, d.pool, d.instructions, d.image_root, config.train.seed, d.query_fraction)
         self.negatives = _read_negatives(negatives, {q.qid for q in self.queries}, self.pool)
 
-    def __len__(self) -> int:
-        return len(self.queries)
-
     def __getitem__(self, key) -> RlExample:
-        index, epoch = key
-        q = self.queries[index]
-        rng = random.Random(f"{self.seed}/{epoch}/{index}")
-        positive = self.pool[rng.choice(q.pos_cand_list)]
-        instruction = rng.choice(self.instructions.for_query(q, positive))
+        q, positive, instruction = self.draw(key)
         record = self.negatives[q.qid]
         dids = [positive.did, *record["hard"], *record["random"]]
-        candidates = [self._item(self.pool[did]) for did in dids]
-        return RlExample(q.qid, mbeir_item(q.query_txt, q.query_img_path, q.query_modality, self.image_root, q.origin),
-                         instruction, candidates)
-
-    def _item(self, c):
-        return mbeir_item(c.txt, c.img_path, c.modality, self.image_root, c.origin)
-
-
-def select_queries(query_files: Sequence[str], pool, fraction: float, seed: int) -> list:
-    """``fraction`` of each dataset's queries in each file (at least one per dataset), the same subset for a given
-    seed: the paper's "1% of each M-BEIR training dataset" also from the union file."""
-    from elva.data.mbeir import load_queries
-
-    chosen = []
-    for path in query_files:
-        by_dataset: dict[str, list] = {}
-        for query in load_queries(path, pool=pool):
-            by_dataset.setdefault(query.dataset_id, []).append(query)
-        for dataset_id, queries in by_dataset.items():
-            keep = max(1, round(fraction * len(queries)))
-            rows = sorted(random.Random(f"{seed}/{Path(path).name}/{dataset_id}").sample(range(len(queries)), keep))
-            chosen += [queries[i] for i in rows]
-    return chosen
+        return RlExample(q.qid, self.item(q), instruction, [self.item(self.pool[did]) for did in dids])
 
 
 def _read_negatives(path, qids: set[str], pool) -> dict[str, dict]:
@@ -324,32 +286,18 @@ def rollout_metrics(rollouts: Rollouts) -> dict[str, torch.Tensor]:
 def run_grpo(config: RunConfig) -> Path:
     """Run stage 3 as configured and return the final model folder (``run_dir/model``). Under torchrun every rank
     takes ``train.batch_size / world`` queries per step; gradients are averaged over ranks."""
-    unresolved = unresolved_placeholders(config)
-    if unresolved:
-        raise ValueError(f"config values still hold placeholders: {unresolved}; pass variables to load_config "
-                         "(the CLI's --data-dir fills ${data_dir})")
+    check_resolved(config)
     if config.train.stage != 3 or config.data.kind != "mbeir":
         raise ValueError(f"run_grpo trains stage 3 on M-BEIR data; got train.stage={config.train.stage}, "
                          f"data.kind={config.data.kind!r}")
-    rank, world, owns_group = init_distributed()
-    try:
-        return _train(config, rank, world)
-    finally:
-        if owns_group:
-            dist.destroy_process_group()
+    return run_on_ranks(_train, config)
 
 
 def _train(config: RunConfig, rank: int, world: int) -> Path:
     tc, rl = config.train, config.rl
     run_dir = Path(config.run_dir)
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    resume_from = checkpoint.latest(run_dir) if tc.resume else None
-    if not tc.resume and checkpoint.latest(run_dir) is not None:
-        raise ValueError(f"{run_dir} already holds checkpoints ({checkpoint.latest(run_dir).name}); set "
-                         "train.resume=true to continue it, or choose a new run_dir")
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
+    resume_from = open_run_dir(config, rank)
 
     random.seed(tc.seed)
     np.random.seed(tc.seed)
@@ -380,19 +328,8 @@ def _train(config: RunConfig, rank: int, world: int) -> Path:
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(tc.warmup_steps, total_steps))
 
-    step, position = 0, (0, 0)
-    torch.manual_seed(tc.seed + 7919 * rank)  # rollouts are sampled independently on each rank
-    if resume_from is not None:
-        state = checkpoint.load(resume_from)
-        checkpoint.load_into_model(named, state["adapter"], where=str(resume_from))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = int(state["step"])
-        position = (int(state["data_position"]["epoch"]), int(state["data_position"]["batch"]))
-        checkpoint.set_rng_state(state["rng"])
-        if rank > 0:
-            torch.manual_seed(tc.seed + 7919 * rank + step)
-        logger.info("resumed from %s (step %d, epoch %d, batch %d)", resume_from, step, *position)
+    # In-training randomness (dropout, rollout sampling) differs per rank; the data order does not depend on it.
+    step, position = resume(resume_from, named, optimizer, scheduler, tc.seed, rank)
 
     sampler = ShardedBatchSampler(len(dataset), micro_global, rank, world, tc.seed, start=position)
     # Not a DataLoader: creating its iterator draws from torch's RNG, which would shift the resumed rollouts.
@@ -446,13 +383,7 @@ def _train(config: RunConfig, rank: int, world: int) -> Path:
             window, window_start = [], time.perf_counter()
 
         if step % tc.save_every == 0 or step == total_steps:
-            if rank == 0:
-                checkpoint.save(run_dir, step, {n: p.detach() for n, p in named.items()}, optimizer, scheduler,
-                                data_position={"epoch": sampler.epoch, "batch": sampler.batch,
-                                               "micro_batch_global": micro_global, "world_size": world},
-                                config=config_to_dict(config), keep_last=tc.keep_last)
-            if world > 1:
-                dist.barrier()
+            save_checkpoint(config, step, named, optimizer, scheduler, sampler, rank, world)
 
     if log is not None:
         log.close()
@@ -509,19 +440,7 @@ class _RolloutTable:
 # Command line (`elva train` dispatches stage-3 configs here)
 # --------------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m elva.train.grpo", description=__doc__.split("\n")[0])
-    parser.add_argument("config", help="run YAML file (train.stage: 3)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. rl.beta=0.04")
-    parser.add_argument("--data-dir", default=None, help="fills ${data_dir} in the config")
-    parser.add_argument("--resume", action="store_true", help="same as train.resume=true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
-    variables = {"data_dir": args.data_dir} if args.data_dir else {}
-    out = run_grpo(load_config(args.config, overrides, variables))
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(out)
-    return 0
+    return stage_main(argv, "python -m elva.train.grpo", __doc__.split("\n")[0], run_grpo)
 
 
 if __name__ == "__main__":

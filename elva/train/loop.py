@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 from pathlib import Path
@@ -13,8 +14,11 @@ import torch.distributed as dist
 if TYPE_CHECKING:
     from elva.config import RunConfig
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["ShardedBatchSampler", "init_distributed", "average_gradients", "build_model", "cosine_with_warmup",
-           "CsvLogger", "load_image", "mbeir_item"]
+           "CsvLogger", "load_image", "mbeir_item", "check_resolved", "open_run_dir", "resume", "save_checkpoint",
+           "stage_main", "run_on_ranks"]
 
 
 def load_image(image_root: str, relative: str, origin: str):
@@ -115,6 +119,17 @@ def init_distributed() -> tuple[int, int, bool]:
     return dist.get_rank(), dist.get_world_size(), True
 
 
+def run_on_ranks(train, config: RunConfig):
+    """``train(config, rank, world)`` inside the process group torchrun's environment describes (if any); a group
+    created here is destroyed afterwards."""
+    rank, world, owns_group = init_distributed()
+    try:
+        return train(config, rank, world)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
 def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
     """Average the gradients over ranks in one flat all-reduce.
 
@@ -188,3 +203,90 @@ class CsvLogger:
         figure.tight_layout()
         figure.savefig(self.path.with_name(f"{self.plot_column}.png"), dpi=100)
         plt.close(figure)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Run folder, resume and checkpoints
+# --------------------------------------------------------------------------------------------------------------------
+def check_resolved(config: RunConfig) -> None:
+    from elva.config import unresolved_placeholders
+
+    unresolved = unresolved_placeholders(config)
+    if unresolved:
+        raise ValueError(f"config values still hold placeholders: {unresolved}; pass variables to load_config "
+                         "(the CLI's --data-dir fills ${data_dir})")
+
+
+def open_run_dir(config: RunConfig, rank: int) -> Path | None:
+    """Refuse a fresh run into a folder with checkpoints; rank 0 writes ``config.yaml``. Returns the checkpoint to
+    resume from (``train.resume``), or None."""
+    from elva.config import save_config
+    from elva.train import checkpoint
+
+    run_dir = Path(config.run_dir)
+    latest = checkpoint.latest(run_dir)
+    if not config.train.resume and latest is not None:
+        raise ValueError(f"{run_dir} already holds checkpoints ({latest.name}); set train.resume=true to continue "
+                         "it, or choose a new run_dir")
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    return latest if config.train.resume else None
+
+
+def resume(path: Path | None, named: dict, optimizer, scheduler, seed: int, rank: int) -> tuple[int, tuple[int, int]]:
+    """Seed this rank's in-training randomness, then restore a checkpoint (adapter, optimizer, schedule, RNG) when
+    ``path`` is given. Returns (step, (epoch, batch)). Rank 0 gets the saved RNG states; other ranks re-derive
+    theirs from the step."""
+    from elva.train import checkpoint
+
+    torch.manual_seed(seed + 7919 * rank)
+    if path is None:
+        return 0, (0, 0)
+    state = checkpoint.load(path)
+    checkpoint.load_into_model(named, state["adapter"], where=str(path))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    step = int(state["step"])
+    position = (int(state["data_position"]["epoch"]), int(state["data_position"]["batch"]))
+    checkpoint.set_rng_state(state["rng"])
+    if rank > 0:
+        torch.manual_seed(seed + 7919 * rank + step)
+    logger.info("resumed from %s (step %d, epoch %d, batch %d)", path, step, *position)
+    return step, position
+
+
+def save_checkpoint(config: RunConfig, step: int, named: dict, optimizer, scheduler, sampler: ShardedBatchSampler,
+                    rank: int, world: int) -> None:
+    """Rank 0 writes the step's checkpoint (with the sampler's position); every rank waits for it."""
+    from elva.config import config_to_dict
+    from elva.train import checkpoint
+
+    if rank == 0:
+        checkpoint.save(Path(config.run_dir), step, {n: p.detach() for n, p in named.items()}, optimizer, scheduler,
+                        data_position={"epoch": sampler.epoch, "batch": sampler.batch,
+                                       "micro_batch_global": sampler.global_batch, "world_size": world},
+                        config=config_to_dict(config), keep_last=config.train.keep_last)
+    if world > 1:
+        dist.barrier()
+
+
+def stage_main(argv: list[str] | None, prog: str, description: str, run) -> int:
+    """The ``python -m elva.train.<stage> CONFIG [overrides] [--data-dir D] [--resume]`` command."""
+    import argparse
+
+    from elva.config import load_config
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("config", help="run YAML file")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
+    parser.add_argument("--data-dir", default=None, help="fills ${data_dir} in the config")
+    parser.add_argument("--resume", action="store_true", help="same as train.resume=true")
+    args = parser.parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
+    variables = {"data_dir": args.data_dir} if args.data_dir else {}
+    out = run(load_config(args.config, overrides, variables))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(out)
+    return 0

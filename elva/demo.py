@@ -49,6 +49,7 @@ def comparison_rows(results: dict[str, dict]) -> list[dict]:
 
 
 def run(run_dir: Path, *, seed: int = 0, scenes: int = 200) -> dict:
+    from elva.config import load_config
     from elva.data.synthetic import make_multigrain
     from elva.eval import evaluate, format_table
     from elva.model import ElvaEmbedder
@@ -66,7 +67,7 @@ def run(run_dir: Path, *, seed: int = 0, scenes: int = 200) -> dict:
     stage3 = _stage("tiny_stage3.yaml", run_dir / "stage3", data_root, seed, f"train.init_from={stage2}")
     models = {"stage2": stage2, "stage3": stage3}
     # Stage 2 read through [RET] gets stage 3's summary cap, so only the RL differs between those two columns.
-    summary_cap = ElvaEmbedder.from_pretrained(stage3).config.generative_max_new_tokens
+    summary_cap = load_config(Path(stage3).parent / "config.yaml").rl.eval_max_new_tokens
     results = {label: evaluate(ElvaEmbedder.from_pretrained(models[model], generative_max_new_tokens=summary_cap),
                                data_root, run_dir / f"eval_{label}", progress=False, extraction=extraction,
                                plots=label != "stage2_generative")

@@ -54,17 +54,6 @@ class Generation:
         return self.completion_mask.sum(1)
 
 
-# Tokens a summary may not contain: vision placeholders would desynchronise the image features, <emb> belongs to the
-# stage 1-2 template, <|im_start|> opens a turn and <|endoftext|> is the padding.
-_SUPPRESSED = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<emb>", "<|im_start|>",
-               "<|endoftext|>")
-
-
-def suppressed_ids(tokenizer) -> list[int]:
-    vocab = tokenizer.get_vocab()
-    return [vocab[t] for t in _SUPPRESSED if t in vocab]
-
-
 def _completions(new_tokens: torch.Tensor, ret_id: int, stop_ids: Sequence[int], pad_id: int):
     """(completion_ids, completion_mask, ret_index) from generate's new tokens [n, T'] (CPU)."""
     n, width = new_tokens.shape
@@ -110,7 +99,7 @@ def score_completions(embedder, prompt: Mapping[str, torch.Tensor], completion_i
     hidden = hf.model(**kwargs).last_hidden_state
     # Position P-1+t predicts completion token t; only those T rows go through the LM head.
     logits = hf.lm_head(hidden[:, width - 1:width - 1 + completion_ids.shape[1]]).float() / temperature
-    logits[:, :, suppressed_ids(embedder.tokenizer)] = float("-inf")  # the distribution generate samples from
+    logits[:, :, embedder.suppressed_token_ids] = float("-inf")  # the distribution generate samples from
     logprobs = torch.log_softmax(logits, -1).gather(2, completion_ids[:, :, None])[:, :, 0]
     logprobs = torch.where(completion_attention.bool(), logprobs, 0.0)  # padding is a suppressed token: -inf
     pooled = hidden[torch.arange(n, device=device), width + ret_index]
@@ -143,7 +132,7 @@ def generate_embed(embedder, items: Sequence, instructions=None, *, sample: bool
         do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
         top_k=0 if sample else None,
         max_new_tokens=max_new_tokens, eos_token_id=[ret_id, *stop_ids], pad_token_id=pad_id,
-        suppress_tokens=suppressed_ids(tokenizer),
+        suppress_tokens=embedder.suppressed_token_ids,
     )
     inputs = {k: v.to(device) for k, v in prompt.items()}
     if "pixel_values" in inputs:
@@ -168,31 +157,11 @@ class GenerativeEncoder:
     """An ``embed``-compatible view of an :class:`~elva.model.ElvaEmbedder` that uses greedy generative extraction,
     so evaluation and mining code can run on stage 3's embeddings unchanged."""
 
-    def __init__(self, embedder, max_new_tokens: int = 32):
+    def __init__(self, embedder):
         self.embedder = embedder
-        self.max_new_tokens = max_new_tokens
-
-    @property
-    def device(self) -> torch.device:
-        return self.embedder.device
-
-    @property
-    def hidden_size(self) -> int:
-        return self.embedder.hidden_size
 
     def embed(self, items: Sequence, instructions=None, batch_size: int = 32) -> torch.Tensor:
-        items = list(items)
-        if instructions is None or isinstance(instructions, str):
-            instructions = [instructions] * len(items)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-        if not items:
-            return torch.empty(0, self.hidden_size, device=self.device)
-        return torch.cat([
-            generate_embed(self.embedder, items[i:i + batch_size], list(instructions[i:i + batch_size]),
-                           max_new_tokens=self.max_new_tokens).embeddings
-            for i in range(0, len(items), batch_size)
-        ])
+        return self.embedder.embed(items, instructions, batch_size, extraction="generative")
 
 
 def encoder_for(embedder, extraction: str | None = None):
@@ -206,4 +175,4 @@ def encoder_for(embedder, extraction: str | None = None):
         raise ValueError(f"extraction must be 'emb', 'generative' or None; got {extraction!r}")
     if not hasattr(embedder, "generate_embed"):
         raise TypeError(f"generative extraction needs an ElvaEmbedder; got {type(embedder).__name__}")
-    return GenerativeEncoder(embedder, config.generative_max_new_tokens)
+    return GenerativeEncoder(embedder)

@@ -44,6 +44,7 @@ __all__ = [
     "EMB_TOKEN",
     "RET_TOKEN",
     "GENERATIVE_PROMPT",
+    "SUMMARY_SUPPRESSED_TOKENS",
     "QWEN_SPECIAL_TOKENS",
     "QWEN2VL_2B_SIZES",
     "QWEN2VL_2B_VOCAB",
@@ -62,6 +63,10 @@ QWEN_SPECIAL_TOKENS = (
     "<|video_pad|>",
 )
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+# Tokens a generated summary may not contain: vision placeholders would desynchronise the image features, <emb>
+# belongs to the stage 1-2 template, <|im_start|> opens a turn and <|endoftext|> is the padding.
+SUMMARY_SUPPRESSED_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", EMB_TOKEN,
+                             "<|im_start|>", "<|endoftext|>")
 # Stage 3's generative extraction (SPEC Part B): the model writes a summary, then [RET], whose hidden state is the
 # embedding.
 GENERATIVE_PROMPT = ("Analyze and summarize the key information of the above input. Finally, append the special "
@@ -527,6 +532,7 @@ class ElvaEmbedder(nn.Module):
         vocab = tokenizer.get_vocab()
         self.emb_token_id = vocab[EMB_TOKEN]
         self.ret_token_id = vocab[RET_TOKEN]
+        self.suppressed_token_ids = [vocab[t] for t in SUMMARY_SUPPRESSED_TOKENS if t in vocab]
         hf_cfg = self._hf_model().config
         image_token_id = getattr(hf_cfg, "image_token_id", None)
         if image_token_id is not None and image_token_id != vocab["<|image_pad|>"]:
@@ -768,9 +774,12 @@ class ElvaEmbedder(nn.Module):
     forward = forward_embeddings
 
     @torch.no_grad()
-    def embed(self, items: Sequence[Item], instructions=None, batch_size: int = 32) -> torch.Tensor:
+    def embed(self, items: Sequence[Item], instructions=None, batch_size: int = 32,
+              extraction: str = "emb") -> torch.Tensor:
         """Embeddings of items (str, PIL image or (image, text)), fp32 [n, hidden], L2-normalised, on the model's
-        device. Runs in eval mode without gradients, ``batch_size`` items per forward."""
+        device. Runs in eval mode without gradients, ``batch_size`` items per forward. ``extraction`` "emb" pools
+        before ``<emb>``; "generative" reads ``[RET]`` after a greedy summary of at most
+        ``config.generative_max_new_tokens`` tokens (:meth:`generate_embed`)."""
         items = list(items)
         if instructions is None or isinstance(instructions, str):
             instructions = [instructions] * len(items)
@@ -780,19 +789,24 @@ class ElvaEmbedder(nn.Module):
                              f"got a list of {len(instructions)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        if extraction not in ("emb", "generative"):
+            raise ValueError(f"extraction must be 'emb' or 'generative'; got {extraction!r}")
         if not items:
             return torch.empty(0, self.hidden_size, device=self.device)
+
+        def chunk(rows: slice) -> torch.Tensor:
+            if extraction == "generative":
+                return self.generate_embed(items[rows], instructions[rows],
+                                           max_new_tokens=self.config.generative_max_new_tokens).embeddings
+            return self.forward_embeddings(self.collator(items[rows], instructions[rows]))
+
         was_training = self.training
         self.eval()
         try:
-            out = [
-                self.forward_embeddings(self.collator(items[i:i + batch_size], instructions[i:i + batch_size]))
-                for i in range(0, len(items), batch_size)
-            ]
+            out = [chunk(slice(i, i + batch_size)) for i in range(0, len(items), batch_size)]
         finally:
             self.train(was_training)
         return torch.cat(out)
-
 
     def generate_embed(self, items: Sequence[Item], instructions=None, *, sample: bool = False,
                        temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 32):

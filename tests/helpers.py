@@ -107,3 +107,38 @@ def spawn_gloo(worker: Callable, *args, world_size: int = 2) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_gloo_entry, args=(world_size, port, worker, args), nprocs=world_size, join=True)
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for a torchrun master)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_until_killed(module: str, config_file, run_dir, cwd, timeout: float = 120.0) -> int:
+    """Run ``python -m <module> <config_file>``, SIGKILL it as soon as ``run_dir`` holds a checkpoint, and return the
+    step of that checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from elva.train import checkpoint
+
+    proc = subprocess.Popen([sys.executable, "-m", module, str(config_file)], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while checkpoint.latest(run_dir) is None:
+            assert proc.poll() is None, "the training subprocess ended before writing a checkpoint"
+            assert time.monotonic() < deadline, f"no checkpoint after {timeout:.0f} s"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return int(checkpoint.latest(run_dir).name.split("_")[1])

@@ -26,14 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from elva.config import RunConfig
 from elva.train.loop import (CsvLogger, ShardedBatchSampler, average_gradients, build_model, check_resolved,
-                             cosine_with_warmup, mbeir_item, open_run_dir, run_on_ranks, resume, save_checkpoint,
-                             stage_main)
+                             mbeir_item, open_run_dir, run_on_ranks, resume, save_checkpoint,
+                             optimizer_and_schedule, seed_everything, stage_main)
 
 logger = logging.getLogger(__name__)
 
@@ -168,9 +167,7 @@ def _train(config: RunConfig, rank: int, world: int) -> Path:
     resume_from = open_run_dir(config, rank)
 
     # The model (and its fresh LoRA) is built from the same seed on every rank, so all ranks start identical.
-    random.seed(tc.seed)
-    np.random.seed(tc.seed)
-    torch.manual_seed(tc.seed)
+    seed_everything(tc.seed)
     model = build_model(config).to(device)
     model.train()
     named = {n: p for n, p in model.model.named_parameters() if p.requires_grad}
@@ -178,14 +175,7 @@ def _train(config: RunConfig, rank: int, world: int) -> Path:
 
     dataset = _build_dataset(config)
     micro_global = tc.batch_size // tc.grad_accum
-    probe = ShardedBatchSampler(len(dataset), micro_global, rank, world, tc.seed)
-    total_steps = tc.max_steps or int(tc.epochs * probe.batches_per_epoch) // tc.grad_accum
-    if total_steps < 1:
-        raise ValueError(f"{tc.epochs} epoch(s) of {len(dataset)} pairs is less than one step of {tc.batch_size}; "
-                         "set train.max_steps or raise train.epochs")
-
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(tc.warmup_steps, total_steps))
+    total_steps, optimizer, scheduler = optimizer_and_schedule(params, tc, len(dataset), rank, world, "pairs")
 
     # In-training randomness (dropout, rollout sampling) differs per rank; the data order does not depend on it.
     step, position = resume(resume_from, named, optimizer, scheduler, tc.seed, rank)

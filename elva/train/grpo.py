@@ -25,14 +25,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -40,8 +38,8 @@ from elva.config import RlConfig, RunConfig
 from elva.generative import Generation, generate_embed, score_completions
 from elva.train.contrastive import MBeirPairDataset, select_queries
 from elva.train.loop import (CsvLogger, ShardedBatchSampler, average_gradients, build_model, check_resolved,
-                             cosine_with_warmup, open_run_dir, run_on_ranks, resume, save_checkpoint,
-                             stage_main)
+                             open_run_dir, run_on_ranks, resume, save_checkpoint,
+                             optimizer_and_schedule, seed_everything, stage_main)
 
 logger = logging.getLogger(__name__)
 
@@ -299,9 +297,7 @@ def _train(config: RunConfig, rank: int, world: int) -> Path:
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     resume_from = open_run_dir(config, rank)
 
-    random.seed(tc.seed)
-    np.random.seed(tc.seed)
-    torch.manual_seed(tc.seed)
+    seed_everything(tc.seed)
     model = build_model(config).to(device)
     # The reference policy is this model with its adapters off, so start from folded weights and fresh adapters.
     model.merge_lora().add_lora()
@@ -320,13 +316,7 @@ def _train(config: RunConfig, rank: int, world: int) -> Path:
             dist.barrier()
     dataset = RlDataset(config, negatives)
     micro_global = tc.batch_size // tc.grad_accum
-    probe = ShardedBatchSampler(len(dataset), micro_global, rank, world, tc.seed)
-    total_steps = tc.max_steps or int(tc.epochs * probe.batches_per_epoch) // tc.grad_accum
-    if total_steps < 1:
-        raise ValueError(f"{tc.epochs} epoch(s) of {len(dataset)} queries is less than one step of "
-                         f"{tc.batch_size}; set train.max_steps or raise train.epochs")
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(tc.warmup_steps, total_steps))
+    total_steps, optimizer, scheduler = optimizer_and_schedule(params, tc, len(dataset), rank, world, "queries")
 
     # In-training randomness (dropout, rollout sampling) differs per rank; the data order does not depend on it.
     step, position = resume(resume_from, named, optimizer, scheduler, tc.seed, rank)

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ShardedBatchSampler", "init_distributed", "average_gradients", "build_model", "cosine_with_warmup",
            "CsvLogger", "load_image", "mbeir_item", "check_resolved", "open_run_dir", "resume", "save_checkpoint",
-           "stage_main", "run_on_ranks"]
+           "stage_main", "run_on_ranks", "seed_everything", "optimizer_and_schedule"]
 
 
 def load_image(image_root: str, relative: str, origin: str):
@@ -92,6 +92,31 @@ def build_model(config: RunConfig):
         raise ValueError(f"the model has no trainable parameters (model.lora_r={config.model.lora_r}); set "
                          "model.lora_r > 0")
     return model
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch from one seed (the same on every rank, so all ranks build the same model)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def optimizer_and_schedule(params: list, train, n_items: int, rank: int, world: int, what: str = "pairs"):
+    """(total optimizer steps, AdamW, warmup + cosine LambdaLR) for ``n_items`` examples under ``train``
+    (TrainConfig): ``max_steps``, else ``epochs`` passes of ``batch_size``."""
+    micro_global = train.batch_size // train.grad_accum
+    probe = ShardedBatchSampler(n_items, micro_global, rank, world, train.seed)
+    total_steps = train.max_steps or int(train.epochs * probe.batches_per_epoch) // train.grad_accum
+    if total_steps < 1:
+        raise ValueError(f"{train.epochs} epoch(s) of {n_items} {what} is less than one step of {train.batch_size}; "
+                         "set train.max_steps or raise train.epochs")
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(train.warmup_steps, total_steps))
+    return total_steps, optimizer, scheduler
 
 
 def cosine_with_warmup(warmup: int, total: int):

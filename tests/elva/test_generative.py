@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from elva.generative import _completions, encoder_for, generate_embed, score_completions, suppressed_ids
+from elva.generative import _completions, encoder_for, generate_embed, score_completions
 from elva.model import RET_TOKEN, ElvaEmbedder
 
 RET, END, PAD = 9, 7, 0
@@ -52,12 +52,12 @@ def test_greedy_log_probs_match_the_kv_cache_generation(model):
     prompt = {k: v for k, v in gen.prompt.items()}
     config = GenerationConfig(do_sample=False, max_new_tokens=6, eos_token_id=[model.ret_token_id],
                               pad_token_id=model.collator.pad_token_id,
-                              suppress_tokens=suppressed_ids(model.tokenizer))
+                              suppress_tokens=model.suppressed_token_ids)
     with torch.no_grad():
         out = model._hf_model().generate(**prompt, generation_config=config, output_logits=True,
                                          return_dict_in_generate=True)
     logits = torch.stack(out.logits, 1).float()
-    logits[:, :, suppressed_ids(model.tokenizer)] = float("-inf")
+    logits[:, :, model.suppressed_token_ids] = float("-inf")
     steps = logits.shape[1]
     expected = torch.log_softmax(logits, -1).gather(2, gen.completion_ids[:, :steps, None])[:, :, 0]
     mask = gen.completion_mask[:, :steps]
@@ -87,7 +87,7 @@ def test_sampling_is_seeded_and_scores_under_the_temperature(model):
     b = generate_embed(model, _items() * 4, sample=True, temperature=0.7, max_new_tokens=5)
     assert torch.equal(a.completion_ids, b.completion_ids)
     assert a.completion_ids.unique().numel() > 4  # not greedy
-    banned = torch.tensor(suppressed_ids(model.tokenizer))
+    banned = torch.tensor(model.suppressed_token_ids)
     assert not bool(torch.isin(a.completion_ids[a.completion_mask], banned).any())
     logprobs, embeddings = score_completions(model, a.prompt, a.completion_ids, a.ret_index, temperature=0.7)
     torch.testing.assert_close(torch.where(a.completion_mask, logprobs, 0.0), a.logprobs)

@@ -6,10 +6,8 @@ import csv
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ import elva_kernels
 from elva.config import load_config, save_config
 from elva.train import checkpoint, run_grpo, run_stage, run_training
 from elva.train.grpo import LOG_COLUMNS, RlDataset, collect_rollouts, grpo_loss, policy_loss, rollout_metrics
+from tests.helpers import free_port, train_until_killed
 
 REPO = Path(__file__).resolve().parents[2]
 STAGE2 = REPO / "configs" / "tiny_stage2.yaml"
@@ -208,20 +207,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(stage2, tmp_path):
     cfg_file = tmp_path / "killed.yaml"
     # The same negatives file, so the resumed run does not depend on when it was killed.
     save_config(_config(stage2, killed, *steps, f"data.negatives={whole / 'negatives.jsonl'}"), cfg_file)
-    proc = subprocess.Popen([sys.executable, "-m", "elva.train.grpo", str(cfg_file)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while checkpoint.latest(killed) is None:
-            assert proc.poll() is None, "the training subprocess ended before writing a checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint after 120 s"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    stopped_at = int(checkpoint.latest(killed).name.split("_")[1])
+    stopped_at = train_until_killed("elva.train.grpo", cfg_file, killed, REPO, timeout=120)
     assert stopped_at < 8, "the run finished before it was killed; nothing was resumed"
 
     run_stage(load_config(cfg_file, ["train.resume=true"]))
@@ -233,11 +219,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(stage2, tmp_path):
 
 
 def test_two_ranks_under_torchrun(stage2, tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     run_dir = tmp_path / "pair"
     cfg_file = tmp_path / "pair.yaml"
     save_config(_config(stage2, run_dir, "train.max_steps=2", "train.batch_size=4", "rl.group_size=4"), cfg_file)

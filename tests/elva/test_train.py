@@ -3,17 +3,15 @@ from __future__ import annotations
 
 import csv
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from elva.config import load_config
+from tests.helpers import free_port, train_until_killed
 from elva.train import checkpoint, run_training
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,20 +76,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(data_dir, tmp_path):
     from elva.config import save_config
 
     save_config(_config(data_dir, killed, *steps), cfg_file)
-    proc = subprocess.Popen([sys.executable, "-m", "elva.train.contrastive", str(cfg_file)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while checkpoint.latest(killed) is None:
-            assert proc.poll() is None, "the training subprocess ended before writing a checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint after 60 s"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    stopped_at = int(checkpoint.latest(killed).name.split("_")[1])
+    stopped_at = train_until_killed("elva.train.contrastive", cfg_file, killed, REPO, timeout=60)
     assert stopped_at < 40, "the run finished before it was killed; nothing was resumed"
 
     run_training(load_config(cfg_file, ["train.resume=true"]))
@@ -101,12 +86,6 @@ def test_sigkill_then_resume_matches_uninterrupted_run(data_dir, tmp_path):
         assert torch.equal(a[k], b[k]), f"{k} differs after resume from step {stopped_at}"
     # The log holds each step once, with the uninterrupted run's losses.
     assert _losses(killed) == _losses(whole)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ranks_equal_one_process_on_the_same_global_batch(data_dir, tmp_path):
@@ -122,7 +101,7 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(data_dir, tmp_path
     save_config(_config(data_dir, pair, *common), cfg_file)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", "-m", "elva.train.contrastive", str(cfg_file)]
+           f"--master_port={free_port()}", "-m", "elva.train.contrastive", str(cfg_file)]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = _losses(single), _losses(pair)

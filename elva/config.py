@@ -43,7 +43,8 @@ class DataConfig:
 
     > kind "mbeir" (stages 2-3): ``queries`` (one or more M-BEIR query jsonl files), ``pool`` (the candidate pool jsonl
     holding every positive), ``instructions`` (the instruction tsv) and ``image_root`` (image paths are relative to it).
-    Stage 3 also reads ``negatives`` and ``query_fraction``.
+    Stage 3 also reads ``negatives`` and ``query_fraction``. Stage 2 with ``model.extraction: generative`` (the
+    generative cold start) reads ``captions``: the summaries it teaches for image inputs.
     """
 
     kind: str = field(default="mbeir", metadata={"help": "nli (stage 1) or mbeir (stages 2-3)"})
@@ -56,6 +57,8 @@ class DataConfig:
         "help": "stage 3: negatives jsonl from `elva mine`; null = mine with the starting model into run_dir"})
     query_fraction: float = field(default=1.0, metadata={
         "help": "stage 3: fraction of each query file used (the paper: 0.01), drawn with train.seed"})
+    captions: str | None = field(default=None, metadata={
+        "help": "generative cold start: {img_path, txt} jsonl giving each training image's summary"})
 
     def __post_init__(self):
         if not 0 < self.query_fraction <= 1:
@@ -92,6 +95,8 @@ class TrainConfig:
     warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     temperature: float = field(default=0.05, metadata={"help": "InfoNCE tau"})
+    summary_weight: float = field(default=1.0, metadata={
+        "help": "generative cold start: weight of the summaries' next-token loss beside InfoNCE at [RET]"})
     seed: int = field(default=0, metadata={"help": "model init, data order and RNG seed"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast (CUDA only; ignored on CPU)"})
     log_every: int = field(default=10, metadata={"help": "steps between log rows"})
@@ -118,9 +123,9 @@ class TrainConfig:
         if self.lr <= 0 or self.temperature <= 0:
             raise ValueError(f"train.lr and train.temperature must be > 0; got lr={self.lr}, "
                              f"temperature={self.temperature}")
-        if self.warmup_steps < 0 or self.weight_decay < 0:
-            raise ValueError(f"train.warmup_steps and train.weight_decay must be >= 0; got {self.warmup_steps}, "
-                             f"{self.weight_decay}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.summary_weight < 0:
+            raise ValueError(f"train.warmup_steps, train.weight_decay and train.summary_weight must be >= 0; got "
+                             f"{self.warmup_steps}, {self.weight_decay}, {self.summary_weight}")
 
 
 @dataclass
@@ -207,6 +212,12 @@ class RunConfig:
         if self.data.kind == "mbeir" and self.train.stage == 1:
             raise ValueError("data.kind 'mbeir' is stage 2-3 data but train.stage is 1; set train.stage=2 or "
                              "data.kind=nli")
+        if self.train.stage == 1 and self.model.extraction == "generative":
+            raise ValueError("model.extraction 'generative' trains the generative cold start on M-BEIR pairs "
+                             "(train.stage 2 with data.captions); stage 1 trains the <emb> extraction")
+        if self.train.stage == 2 and self.model.extraction == "generative" and not self.data.captions:
+            raise ValueError("model.extraction 'generative' at train.stage 2 (the generative cold start) needs "
+                             "data.captions, the {img_path, txt} jsonl of image summaries; got null")
 
 
 # ---- conversion ----------------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """``elva demo``: the pipeline end to end on the built-in tiny Qwen2-VL and the synthetic multi-grain benchmark.
 
 Makes the data, evaluates the untrained model, runs stage 1 (text pairs), stage 2 (multimodal instruction pairs,
-from stage 1's merged model) and stage 3 (GRPO with ELVA's ranking rewards, from stage 2's), then prints stage 2
-against stage 3: multi-grain R@5 per task and the grain sensitivity. Stage 2 is shown with its own extraction
-(``<emb>``) and with stage 3's (greedy summary, then ``[RET]``), so the effect of RL is separated from the change
-of extraction. ``elva compare`` repeats this over seeds. Everything lands in the run folder, plots included.
+from stage 1's merged model), the generative cold start (stage 2 again, teaching the tiny model to summarise and
+embed at ``[RET]``; see configs/tiny_coldstart.yaml) and stage 3 (GRPO with ELVA's ranking rewards, from the cold
+start), then prints them side by side: multi-grain R@5 per task and the grain sensitivity. Stage 2 is read at
+``<emb>``, the cold start and stage 3 through a greedy summary and ``[RET]``, so "stage3 - coldstart" is the effect
+of RL alone. ``elva compare`` repeats this over seeds. Everything lands in the run folder, plots included.
 """
 from __future__ import annotations
 
@@ -13,9 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-# The columns of the stage-2 vs stage-3 table: (label, model, extraction).
-VARIANTS = (("stage2", "stage2", "emb"), ("stage2_generative", "stage2", "generative"),
-            ("stage3", "stage3", "generative"))
+# The columns of the stage-2 vs stage-3 table: (label, model, extraction); "coldstart" is stage 3's starting point.
+VARIANTS = (("stage2", "stage2", "emb"), ("coldstart", "coldstart", "generative"), ("stage3", "stage3", "generative"))
 
 
 def _stage(config_name: str, run_dir: Path, data_root: Path, seed: int, *extra: str) -> Path:
@@ -64,13 +64,14 @@ def run(run_dir: Path, *, seed: int = 0, scenes: int = 200) -> dict:
                          plots=False)
     stage1 = _stage("tiny_stage1.yaml", run_dir / "stage1", data_root, seed)
     stage2 = _stage("tiny_stage2.yaml", run_dir / "stage2", data_root, seed, f"train.init_from={stage1}")
-    stage3 = _stage("tiny_stage3.yaml", run_dir / "stage3", data_root, seed, f"train.init_from={stage2}")
-    models = {"stage2": stage2, "stage3": stage3}
-    # Stage 2 read through [RET] gets stage 3's summary cap, so only the RL differs between those two columns.
+    coldstart = _stage("tiny_coldstart.yaml", run_dir / "coldstart", data_root, seed, f"train.init_from={stage2}")
+    stage3 = _stage("tiny_stage3.yaml", run_dir / "stage3", data_root, seed, f"train.init_from={coldstart}")
+    models = {"stage2": stage2, "coldstart": coldstart, "stage3": stage3}
+    # The cold start is read with stage 3's summary cap, so only the RL differs between those two columns.
     summary_cap = load_config(Path(stage3).parent / "config.yaml").rl.eval_max_new_tokens
     results = {label: evaluate(ElvaEmbedder.from_pretrained(models[model], generative_max_new_tokens=summary_cap),
                                data_root, run_dir / f"eval_{label}", progress=False, extraction=extraction,
-                               plots=label != "stage2_generative")
+                               plots=label != "coldstart")
                for label, model, extraction in VARIANTS}
 
     trained = results["stage3"]
@@ -78,7 +79,7 @@ def run(run_dir: Path, *, seed: int = 0, scenes: int = 200) -> dict:
     print(f"\ngrain sensitivity after stage 3 (mean cosine distance when one grain is removed)\n"
           f"{format_table(trained['grains'])}")
     table = comparison_rows(results)
-    print("\nstage 2 vs stage 3 (stage2: <emb> extraction; *_generative and stage3: summary then [RET])\n"
+    print("\nstage 2 vs stage 3 (stage2: <emb> extraction; coldstart and stage3: summary then [RET])\n"
           f"{format_table(table)}")
     before = _mean_r5(untrained)
     print(f"\nmean multi-grain R@5: untrained {before:.4f} -> stage 2 {_mean_r5(results['stage2']):.4f} -> "
@@ -91,7 +92,7 @@ def run(run_dir: Path, *, seed: int = 0, scenes: int = 200) -> dict:
 
 def compare(run_dir: Path, seeds: Sequence[int], *, scenes: int = 200) -> list[dict]:
     """Run the demo once per seed (data, model init and training all seeded) and report, per metric and variant,
-    the mean and the standard deviation over seeds, plus stage 3 minus stage 2 per seed."""
+    the mean and the standard deviation over seeds, plus stage 3 minus the cold start (the effect of RL) per seed."""
     from elva.eval import format_table, write_json, write_tsv
 
     run_dir = Path(run_dir)
@@ -111,8 +112,8 @@ def summarize_seeds(tables: Sequence[list[dict]], seeds: Sequence[int]) -> list[
             values = [table[i][label] for table in tables]
             row[f"{label}_mean"] = statistics.fmean(values)
             row[f"{label}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        gains = [table[i]["stage3"] - table[i]["stage2_generative"] for table in tables]
-        row["stage3_minus_stage2_generative"] = statistics.fmean(gains)
+        gains = [table[i]["stage3"] - table[i]["coldstart"] for table in tables]
+        row["stage3_minus_coldstart"] = statistics.fmean(gains)
         row["seeds_improved"] = f"{sum(g > 0 for g in gains)}/{len(seeds)}"
         rows.append(row)
     return rows

@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Generation", "generate_embed", "score_completions", "GenerativeEncoder", "encoder_for"]
+__all__ = ["Generation", "generate_embed", "score_completions", "teach_summaries", "GenerativeEncoder", "encoder_for"]
 
 
 @dataclass
@@ -104,6 +104,25 @@ def score_completions(embedder, prompt: Mapping[str, torch.Tensor], completion_i
     logprobs = torch.where(completion_attention.bool(), logprobs, 0.0)  # padding is a suppressed token: -inf
     pooled = hidden[torch.arange(n, device=device), width + ret_index]
     return logprobs, F.normalize(pooled.float(), dim=-1)
+
+
+def teach_summaries(embedder, items: Sequence, instructions, summaries: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced ``summary [RET]`` after the generative prompt of each item: (mean next-token NLL over the
+    summary tokens and ``[RET]``, embeddings fp32 [n, hidden] at ``[RET]``). Differentiable; the generative cold
+    start trains on both. A summary is cut to ``generative_max_new_tokens - 1`` tokens, so that greedy decoding
+    under the same cap can write all of it and ``[RET]``."""
+    keep = embedder.config.generative_max_new_tokens - 1
+    token_ids = [embedder.tokenizer(text, add_special_tokens=False)["input_ids"][:keep] for text in summaries]
+    ret_index = torch.tensor([len(ids) for ids in token_ids])
+    completion_ids = torch.full((len(token_ids), int(ret_index.max()) + 1), embedder.collator.pad_token_id,
+                                dtype=torch.long)
+    for row, ids in enumerate(token_ids):
+        completion_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        completion_ids[row, len(ids)] = embedder.ret_token_id
+    prompt = embedder.collator(items, instructions, generative=True)
+    logprobs, embeddings = score_completions(embedder, prompt, completion_ids, ret_index)
+    taught = torch.arange(completion_ids.shape[1], device=logprobs.device)[None, :] <= ret_index.to(logprobs.device)[:, None]
+    return -logprobs[taught].mean(), embeddings
 
 
 def generate_embed(embedder, items: Sequence, instructions=None, *, sample: bool = False, temperature: float = 1.0,

@@ -187,6 +187,9 @@ class ModelConfig:
     - ``lora_r``: rank; 0 means no adapters and every parameter frozen (a reference or inference model).
     - ``lora_alpha``, ``lora_dropout``: as in ``peft.LoraConfig``.
     - ``lora_target_modules``: leaf names of the language model's linear layers that get adapters.
+    - ``lora_modules_to_save``: modules trained in full beside the adapters (peft's ``modules_to_save``), e.g.
+      ``["lm_head"]`` where the summaries of the generative extraction need a language-model head that learns (the
+      built-in tiny model's is random). Disabling the adapters disables these copies too.
 
     > Inputs
 
@@ -212,6 +215,9 @@ class ModelConfig:
     lora_target_modules: tuple[str, ...] = field(
         default=DEFAULT_LORA_TARGETS, metadata={"help": "language-model linear layers that get LoRA"}
     )
+    lora_modules_to_save: tuple[str, ...] = field(
+        default=(), metadata={"help": "modules trained in full beside LoRA (peft modules_to_save), e.g. lm_head"}
+    )
     max_text_tokens: int = field(default=480, metadata={"help": "text tokens kept per input before templating"})
     min_pixels: int | None = field(default=None, metadata={"help": "image processor shortest_edge (pixels)"})
     max_pixels: int | None = field(default=None, metadata={"help": "image processor longest_edge (pixels)"})
@@ -224,6 +230,9 @@ class ModelConfig:
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = (self.lora_target_modules,)
         self.lora_target_modules = tuple(self.lora_target_modules)
+        if isinstance(self.lora_modules_to_save, str):
+            self.lora_modules_to_save = (self.lora_modules_to_save,)
+        self.lora_modules_to_save = tuple(self.lora_modules_to_save)
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}; got {self.dtype!r}")
         if self.attention not in _ATTENTIONS:
@@ -260,6 +269,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["lora_target_modules"] = list(self.lora_target_modules)
+        d["lora_modules_to_save"] = list(self.lora_modules_to_save)
         return d
 
     @property
@@ -675,6 +685,7 @@ class ElvaEmbedder(nn.Module):
             lora_alpha=c.lora_alpha,
             lora_dropout=c.lora_dropout,
             target_modules=rf".*language_model.*\.({names})",
+            modules_to_save=list(c.lora_modules_to_save) or None,
             bias="none",
         )
         self.model = get_peft_model(self.model, lora)
@@ -696,7 +707,7 @@ class ElvaEmbedder(nn.Module):
 
     def _freeze_non_lora(self) -> None:
         for name, p in self.model.named_parameters():
-            p.requires_grad_("lora_" in name)
+            p.requires_grad_("lora_" in name or ".modules_to_save." in name)
         for p in self._hf_model().model.visual.parameters():
             p.requires_grad_(False)
 
@@ -721,9 +732,9 @@ class ElvaEmbedder(nn.Module):
         if self.has_lora:
             state = {}
             for k, v in base.state_dict().items():
-                if "lora_" in k:
+                if "lora_" in k or ".modules_to_save." in k:  # those are in the adapter
                     continue
-                state[k.replace(".base_layer.", ".")] = v
+                state[k.replace(".base_layer.", ".").replace(".original_module.", ".")] = v
             base.save_pretrained(path, state_dict=state)
             self.model.save_pretrained(os.path.join(path, _ADAPTER_DIR))
         else:

@@ -8,6 +8,9 @@ The formats (UniIR ``src/data/mbeir_dataset.py``, LamRA ``dataset/datasets_mbeir
 - candidate pool jsonl: ``did``, ``txt``, ``img_path``, ``modality``, ``src_content``;
 - instruction table: a tsv with a header line, then ``query_modality, cand_modality, dataset, dataset_id, prompt...``.
 
+Not M-BEIR: a captions jsonl (``img_path``, ``txt``) gives the summaries that the generative cold start teaches
+(:func:`load_captions`); ``elva make-data`` writes one for the synthetic benchmark.
+
 Every fault is reported as ``<file>:<1-based line>: <what is wrong>``. Fields a record carries beyond the standard
 ones (the synthetic benchmark's ``grains``, for instance) are kept in ``extra``.
 
@@ -235,3 +238,21 @@ def load_instructions(path: str | Path) -> InstructionTable:
             prompts[key] = variants
             first_seen[key] = line_number
     return InstructionTable(path=path, prompts=prompts)
+
+
+def load_captions(path: str | Path) -> dict[str, str]:
+    """A captions jsonl as {img_path: caption}: one ``{"img_path": ..., "txt": ...}`` per line, each image once."""
+    path = Path(path)
+    captions: dict[str, str] = {}
+    first_seen: dict[str, int] = {}
+    for line_number, record in _jsonl_records(path):
+        where = f"{path}:{line_number}"
+        _require(record, ("img_path", "txt"), where)
+        image, text = record["img_path"], record["txt"]
+        if not isinstance(image, str) or not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{where}: img_path and txt must be strings and txt non-empty; got {image!r}, {text!r}")
+        if image in captions:
+            raise ValueError(f"{where}: duplicate img_path {image!r} (first at line {first_seen[image]})")
+        captions[image] = text
+        first_seen[image] = line_number
+    return captions

@@ -21,6 +21,7 @@ On disk (``out_dir`` is the image root; image paths are relative to it)::
     cand_pool/global/mbeir_multigrain_{split}_cand_pool.jsonl     the union of the split's local pools
     instructions/query_instructions.tsv
     nli/multigrain_train_pairs.tsv                                 stage-1 paraphrase pairs from train scenes
+    captions/multigrain_train_captions.jsonl                       {img_path, txt}: the caption of every train image
     images/multigrain/<shape>_<colour>_<size>_<position>_<count>_<background>_v<variant>.png
     manifest.json                                                  the parameters and these paths
 
@@ -116,6 +117,7 @@ class MultigrainManifest:
     global_pools: dict[str, Path]  # split -> union pool jsonl
     instructions: Path
     nli_pairs: Path
+    captions: Path  # the train split's images with their captions: the summaries the generative cold start teaches
     images: Path
 
 
@@ -334,7 +336,8 @@ def make_multigrain(
     test_count = min(scenes - 1, max(1, round(scenes * test_fraction)))
     split_scenes = {"train": chosen[test_count:], "test": chosen[:test_count]}
 
-    for folder in ("query/train", "query/test", "cand_pool/local", "cand_pool/global", "instructions", "nli", f"images/{DATASET_NAME}"):
+    for folder in ("query/train", "query/test", "cand_pool/local", "cand_pool/global", "instructions", "nli", "captions",
+                   f"images/{DATASET_NAME}"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     writer = _Writer(root, seed, image_size)
     split_queries: dict[str, list[dict]] = {}
@@ -346,6 +349,7 @@ def make_multigrain(
             queries += _queries_for_scene(scene, split, writer, rng, forbidden, hard_negatives)
         split_queries[split] = queries
         if split == "train":
+            train_images = [(writer.images[key], caption(key[0])[0]) for key in writer.images]
             for scene in split_scenes[split]:
                 # A caption one grain away is the hard negative; a scene whose every neighbour is a test scene has none.
                 for neighbour, _ in _hard_negatives(scene, rng.sample(GRAIN_TYPES, len(GRAIN_TYPES)), 1, rng, forbidden):
@@ -361,6 +365,7 @@ def make_multigrain(
         global_pools={},
         instructions=root / "instructions/query_instructions.tsv",
         nli_pairs=root / "nli/multigrain_train_pairs.tsv",
+        captions=root / f"captions/{DATASET_NAME}_train_captions.jsonl",
         images=root / f"images/{DATASET_NAME}",
     )
     for split, queries in split_queries.items():
@@ -385,6 +390,7 @@ def make_multigrain(
         for query_modality, cand_modality, prompts in TASK_KINDS.values():
             handle.write("\t".join((query_modality, cand_modality, DATASET_NAME, str(DATASET_ID), *prompts)) + "\n")
     write_nli_pairs(manifest.nli_pairs, nli_pairs)
+    _write_jsonl(manifest.captions, [{"img_path": path, "txt": text} for path, text in train_images])
 
     def relative(path: Path) -> str:
         return path.relative_to(root).as_posix()
@@ -397,6 +403,7 @@ def make_multigrain(
         "global_pools": {split: relative(path) for split, path in manifest.global_pools.items()},
         "instructions": relative(manifest.instructions),
         "nli_pairs": relative(manifest.nli_pairs),
+        "captions": relative(manifest.captions),
         "images": relative(manifest.images),
     }
     (root / "manifest.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

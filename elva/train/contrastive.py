@@ -4,6 +4,12 @@ Stage 1 trains on NLI pairs (anchor -> positive sentence), stage 2 on M-BEIR (qu
 positive candidate). Negatives are the other positives of the micro-batch, gathered across ranks with gradient by
 ``elva_kernels.infonce_loss(..., group=WORLD)``; tau = ``train.temperature`` (0.05 in the paper).
 
+With ``model.extraction: generative``, stage 2 is the *generative cold start* that prepares stage 3 on a model that
+cannot write yet (the built-in tiny one; the paper's Qwen2-VL can). Each input gets a teacher-forced summary, then
+``[RET]``; the loss is InfoNCE at ``[RET]`` plus ``train.summary_weight`` times the summaries' next-token loss. A
+text's summary is the text itself, an image's is its caption from ``data.captions``, and an (image, text) query's
+is its positive's (the scene it asks for).
+
 Single process (CPU or one GPU)::
 
     python -m elva.train.contrastive configs/tiny_stage2.yaml --data-dir data/multigrain train.max_steps=20
@@ -30,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from elva.config import RunConfig
+from elva.generative import teach_summaries
 from elva.train.loop import (CsvLogger, ShardedBatchSampler, average_gradients, build_model, check_resolved,
                              mbeir_item, open_run_dir, run_on_ranks, resume, save_checkpoint,
                              optimizer_and_schedule, seed_everything, stage_main)
@@ -49,6 +56,8 @@ class Pair:
     query: Any  # an ElvaEmbedder item: str, PIL image or (image, text)
     instruction: str | None
     candidate: Any
+    query_summary: str | None = None  # the generative cold start's teacher-forced summaries
+    candidate_summary: str | None = None
 
 
 class NliPairDataset(torch.utils.data.Dataset):
@@ -72,13 +81,16 @@ class MBeirPairDataset(torch.utils.data.Dataset):
 
     The positive (when a query lists several) and the instruction variant are drawn from ``random.Random`` seeded by
     (seed, epoch, index), so a resumed run sees exactly the pairs of an uninterrupted one. ``query_fraction`` < 1
-    keeps that fraction of each dataset's queries (:func:`select_queries`).
+    keeps that fraction of each dataset's queries (:func:`select_queries`). With ``captions`` (a captions jsonl),
+    pairs carry the generative cold start's summaries (:meth:`summary`).
     """
 
     def __init__(self, query_files: Sequence[str], pool: str, instructions: str, image_root: str, seed: int = 0,
-                 query_fraction: float = 1.0):
-        from elva.data.mbeir import load_instructions, load_pool, load_queries
+                 query_fraction: float = 1.0, captions: str | None = None):
+        from elva.data.mbeir import load_captions, load_instructions, load_pool, load_queries
 
+        self.captions_file = captions
+        self.captions = load_captions(captions) if captions else None
         self.pool = load_pool(pool)
         if query_fraction < 1:
             self.queries = select_queries(query_files, self.pool, query_fraction, seed)
@@ -106,9 +118,25 @@ class MBeirPairDataset(torch.utils.data.Dataset):
                               record.origin)
         return mbeir_item(record.txt, record.img_path, record.modality, self.image_root, record.origin)
 
+    def summary(self, record, positive=None) -> str:
+        """A query's or candidate's cold-start summary: its text, its image's caption, or (image, text) -> the
+        positive's summary."""
+        text, image, modality = ((record.query_txt, record.query_img_path, record.query_modality)
+                                 if hasattr(record, "query_modality") else (record.txt, record.img_path, record.modality))
+        if modality == "text":
+            return text
+        if modality == "image,text" and positive is not None:
+            return self.summary(positive)
+        if image not in self.captions:
+            raise ValueError(f"{record.origin}: image {image!r} has no caption in data.captions ({self.captions_file}); "
+                             "the generative cold start needs one for every training image")
+        return self.captions[image]
+
     def __getitem__(self, key) -> Pair:
         q, positive, instruction = self.draw(key)
-        return Pair(self.item(q), instruction, self.item(positive))
+        if self.captions is None:
+            return Pair(self.item(q), instruction, self.item(positive))
+        return Pair(self.item(q), instruction, self.item(positive), self.summary(q, positive), self.summary(positive))
 
 
 def select_queries(query_files: Sequence[str], pool, fraction: float, seed: int) -> list:
@@ -138,7 +166,8 @@ def _build_dataset(config: RunConfig) -> torch.utils.data.Dataset:
     if missing or not d.queries:
         raise ValueError(f"data.kind 'mbeir' needs data.queries, data.pool, data.instructions and data.image_root; "
                          f"missing {missing + ([] if d.queries else ['queries'])}")
-    return MBeirPairDataset(d.queries, d.pool, d.instructions, d.image_root, seed=config.train.seed)
+    return MBeirPairDataset(d.queries, d.pool, d.instructions, d.image_root, seed=config.train.seed,
+                            captions=d.captions if config.model.extraction == "generative" else None)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -174,6 +203,7 @@ def _train(config: RunConfig, rank: int, world: int) -> Path:
     params = list(named.values())
 
     dataset = _build_dataset(config)
+    generative = config.model.extraction == "generative"
     micro_global = tc.batch_size // tc.grad_accum
     total_steps, optimizer, scheduler = optimizer_and_schedule(params, tc, len(dataset), rank, world, "pairs")
 
@@ -184,7 +214,8 @@ def _train(config: RunConfig, rank: int, world: int) -> Path:
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=list, num_workers=0)
     batches = iter(loader)
     use_autocast = tc.bf16 and device.type == "cuda"
-    log = CsvLogger(run_dir, step, _LOG_COLUMNS, "loss", "InfoNCE loss") if rank == 0 else None
+    loss_name = "InfoNCE at [RET] + summary NLL" if generative else "InfoNCE loss"
+    log = CsvLogger(run_dir, step, _LOG_COLUMNS, "loss", loss_name) if rank == 0 else None
     window_losses: list[torch.Tensor] = []
     window_start, window_steps = time.perf_counter(), 0
 
@@ -194,9 +225,17 @@ def _train(config: RunConfig, rank: int, world: int) -> Path:
         for _ in range(tc.grad_accum):
             pairs: list[Pair] = next(batches)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                q = model.forward_embeddings(model.collator([p.query for p in pairs], [p.instruction for p in pairs]))
-                c = model.forward_embeddings(model.collator([p.candidate for p in pairs]))
+                if generative:
+                    q_nll, q = teach_summaries(model, [p.query for p in pairs], [p.instruction for p in pairs],
+                                               [p.query_summary for p in pairs])
+                    c_nll, c = teach_summaries(model, [p.candidate for p in pairs], None,
+                                               [p.candidate_summary for p in pairs])
+                else:
+                    q = model.forward_embeddings(model.collator([p.query for p in pairs], [p.instruction for p in pairs]))
+                    c = model.forward_embeddings(model.collator([p.candidate for p in pairs]))
             loss = elva_kernels.infonce_loss(q, c, temperature=tc.temperature, group=group)
+            if generative:
+                loss = loss + tc.summary_weight * (q_nll + c_nll) / 2
             (loss / tc.grad_accum).backward()
             step_loss += loss.detach() / tc.grad_accum
         if world > 1:

@@ -46,7 +46,8 @@ def test_train_command_runs_stage_three_and_eval_reads_it_through_ret(tmp_path, 
     data = tmp_path / "data"
     main(["make-data", "--out", str(data), "--scenes", "24"])
     stage3 = ["train", "--config", "configs/tiny_stage3.yaml", "--data-dir", str(data), f"run_dir={tmp_path / 's3'}",
-              "train.max_steps=2", "train.batch_size=4", "rl.group_size=2", "rl.n_hard=2", "rl.n_random=2"]
+              "train.max_steps=2", "train.batch_size=4", "rl.group_size=2", "rl.n_hard=2", "rl.n_random=2",
+              "rl.max_new_tokens=3", "rl.eval_max_new_tokens=3"]
     assert main(stage3) == 0
     model = tmp_path / "s3" / "model"
     assert main(["eval", "--data", str(data), "--model", str(model), "--out", str(tmp_path / "eval")]) == 0

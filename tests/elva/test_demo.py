@@ -1,5 +1,5 @@
-"""`elva demo` end to end on a small synthetic set: stages 1-2 beat the untrained model on multi-grain R@5, stage 3
-runs and the stage-2 vs stage-3 table is complete; `elva compare` aggregates seeds."""
+"""`elva demo` end to end on a small synthetic set: stages 1-2 beat the untrained model on multi-grain R@5, the cold
+start and stage 3 run, and the stage-2 vs stage-3 table is complete; `elva compare` aggregates seeds."""
 import pytest
 
 from elva import demo
@@ -18,9 +18,9 @@ def test_demo_runs_stages_one_to_three(tmp_path, capsys):
 
 
 def test_compare_summarizes_seeds():
-    tables = [[{"metric": "R@5 mean", "stage2": 0.2, "stage2_generative": 0.1, "stage3": 0.15}],
-              [{"metric": "R@5 mean", "stage2": 0.3, "stage2_generative": 0.2, "stage3": 0.15}]]
+    tables = [[{"metric": "R@5 mean", "stage2": 0.2, "coldstart": 0.1, "stage3": 0.15}],
+              [{"metric": "R@5 mean", "stage2": 0.3, "coldstart": 0.2, "stage3": 0.15}]]
     (row,) = demo.summarize_seeds(tables, [0, 1])
     assert row["stage2_mean"] == pytest.approx(0.25) and row["stage2_std"] == pytest.approx(0.0707107, rel=1e-5)
-    assert row["stage3_minus_stage2_generative"] == pytest.approx(0.0)
+    assert row["stage3_minus_coldstart"] == pytest.approx(0.0)
     assert row["seeds_improved"] == "1/2"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from elva.generative import _completions, encoder_for, generate_embed, score_completions
+from elva.generative import _completions, encoder_for, generate_embed, score_completions, teach_summaries
 from elva.model import RET_TOKEN, ElvaEmbedder
 
 RET, END, PAD = 9, 7, 0
@@ -102,6 +102,38 @@ def test_score_completions_has_gradients_to_the_adapters(model):
     (logprobs.sum() + embeddings.sum()).backward()
     grads = [p.grad for p in model.trainable_parameters()]
     assert any(g is not None and bool(g.abs().sum() > 0) for g in grads)
+    model.zero_grad(set_to_none=True)
+
+
+def test_teach_summaries_against_a_forward_by_hand(model):
+    """The cold start's teacher-forced summaries: per item, the NLL of ``summary [RET]`` after the generative prompt
+    and the hidden state at ``[RET]``, from one unpadded forward by hand; summaries are cut to the cap minus one."""
+    items = _items()
+    summaries = ["a small red circle", "one green circle at the top left on a white background", "blue", ""]
+    model.config.generative_max_new_tokens = 6
+    nll, embeddings = teach_summaries(model, items, None, summaries)
+    hf, tokenizer = model._hf_model(), model.tokenizer
+    total, count = 0.0, 0
+    for row, (item, summary) in enumerate(zip(items, summaries)):
+        prompt = model.collator([item], generative=True)
+        summary_ids = tokenizer(summary, add_special_tokens=False)["input_ids"][:5] + [model.ret_token_id]
+        ids = torch.cat([prompt["input_ids"], torch.tensor([summary_ids])], 1)
+        extra = {k: prompt[k] for k in ("pixel_values", "image_grid_thw") if k in prompt}
+        with torch.no_grad():
+            hidden = hf.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                              mm_token_type_ids=torch.cat([prompt["mm_token_type_ids"],
+                                                           torch.zeros(1, len(summary_ids), dtype=torch.long)], 1),
+                              **extra).last_hidden_state[0]
+            logits = hf.lm_head(hidden).float()
+        logits[:, model.suppressed_token_ids] = float("-inf")
+        width = prompt["input_ids"].shape[1]
+        logprobs = torch.log_softmax(logits[width - 1:-1], -1)[torch.arange(len(summary_ids)), summary_ids]
+        total, count = total - float(logprobs.sum()), count + len(summary_ids)
+        torch.testing.assert_close(embeddings[row], torch.nn.functional.normalize(hidden[-1], dim=0),
+                                   atol=1e-5, rtol=0)
+    assert nll.item() == pytest.approx(total / count, rel=1e-5)
+    nll.backward()  # the cold start trains on it
+    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.trainable_parameters())
     model.zero_grad(set_to_none=True)
 
 

@@ -4,7 +4,7 @@ import json
 import pytest
 from PIL import Image
 
-from elva.data.mbeir import load_instructions, load_pool, load_queries, resolve_image
+from elva.data.mbeir import load_captions, load_instructions, load_pool, load_queries, resolve_image
 
 QUERIES = [
     {"qid": "9:1", "query_txt": "A dog runs on the beach.", "query_img_path": None, "query_modality": "text",
@@ -142,3 +142,45 @@ def test_duplicate_did_and_bad_instruction_rows(mbeir):
     mbeir["instructions"].write_text(INSTRUCTIONS + "text\timage\tMSCOCO\t9\tAgain.\n")
     with pytest.raises(ValueError, match=rf"^{mbeir['instructions']}:5: duplicate instruction key .* \(first at line 2\)"):
         load_instructions(mbeir["instructions"])
+
+
+CAPTIONS = [{"img_path": "mbeir_images/mscoco_images/dog.png", "txt": "a red dog"},
+            {"img_path": "mbeir_images/mscoco_images/cat.png", "txt": "a blue cat"}]
+
+
+def test_captions_and_the_cold_start_summaries(mbeir):
+    """Each input's teacher-forced summary: a text is itself, an image its caption, an (image, text) query its
+    positive's; an image without a caption is reported with the line that references it."""
+    from elva.train.contrastive import MBeirPairDataset
+
+    captions = write_jsonl(mbeir["root"] / "captions.jsonl", CAPTIONS)
+    assert load_captions(captions) == {"mbeir_images/mscoco_images/dog.png": "a red dog",
+                                       "mbeir_images/mscoco_images/cat.png": "a blue cat"}
+    dataset = MBeirPairDataset([str(mbeir["queries"])], str(mbeir["pool"]), str(mbeir["instructions"]),
+                               str(mbeir["root"]), captions=str(captions))
+    by_qid = {dataset.queries[i].qid: dataset[(i, 0)] for i in range(len(dataset))}
+    assert (by_qid["9:1"].query_summary, by_qid["9:1"].candidate_summary) == ("A dog runs on the beach.", "a red dog")
+    assert (by_qid["9:2"].query_summary, by_qid["9:2"].candidate_summary) == ("a blue cat", "A cat sleeps.")
+    composed = by_qid["8:3"]
+    assert composed.query_summary == composed.candidate_summary in ("a red dog", "a blue cat")
+    assert MBeirPairDataset([str(mbeir["queries"])], str(mbeir["pool"]), str(mbeir["instructions"]),
+                            str(mbeir["root"]))[(0, 0)].query_summary is None
+
+    write_jsonl(captions, CAPTIONS[:1])
+    partial = MBeirPairDataset([str(mbeir["queries"])], str(mbeir["pool"]), str(mbeir["instructions"]),
+                               str(mbeir["root"]), captions=str(captions))
+    with pytest.raises(ValueError, match=rf"^{mbeir['queries']}:2: image 'mbeir_images/mscoco_images/cat.png' has "
+                                         r"no caption in data.captions"):
+        partial[(1, 0)]
+
+
+@pytest.mark.parametrize("records, message", [
+    ([CAPTIONS[0], {"img_path": "x.png"}], "2: missing required field\\(s\\) txt"),
+    ([{"img_path": "x.png", "txt": "  "}], "1: img_path and txt must be strings and txt non-empty"),
+    ([{"img_path": None, "txt": "a"}], "1: img_path and txt must be strings"),
+    ([CAPTIONS[0], CAPTIONS[1], CAPTIONS[0]], "3: duplicate img_path .* \\(first at line 1\\)"),
+])
+def test_bad_captions_name_file_and_line(tmp_path, records, message):
+    path = write_jsonl(tmp_path / "captions.jsonl", records)
+    with pytest.raises(ValueError, match=rf"^{path}:{message}"):
+        load_captions(path)

@@ -181,6 +181,39 @@ def test_save_and_load_round_trip(embedder, tmp_path):
     torch.testing.assert_close(again.embed(ITEMS), before, atol=ATOL, rtol=0)
 
 
+def test_modules_to_save_train_save_merge_and_disable_with_the_adapters(tmp_path):
+    """lora_modules_to_save=[lm_head]: the head trains beside LoRA, survives save/load and merge, and disabling the
+    adapters (the GRPO reference policy) restores the original head."""
+    emb = ElvaEmbedder.tiny(seed=0, lora_modules_to_save=["lm_head"])
+    trainable = [n for n, p in emb.model.named_parameters() if p.requires_grad]
+    assert "base_model.model.lm_head.modules_to_save.default.weight" in trainable
+    assert all("lora_" in n or ".modules_to_save." in n for n in trainable)
+    original = emb._hf_model().lm_head.original_module.weight.clone()
+    with torch.no_grad():
+        for name, p in emb.model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    hidden = torch.randn(3, 64)
+    trained = emb._hf_model().lm_head(hidden)
+    with emb.model.disable_adapter():
+        torch.testing.assert_close(emb._hf_model().lm_head(hidden), hidden @ original.T)
+    assert (trained - hidden @ original.T).abs().max() > 0.1
+
+    emb.save_pretrained(tmp_path / "ckpt")
+    loaded = ElvaEmbedder.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.lora_modules_to_save == ("lm_head",)
+    torch.testing.assert_close(loaded._hf_model().lm_head(hidden), trained, atol=0, rtol=0)
+    with loaded.model.disable_adapter():
+        torch.testing.assert_close(loaded._hf_model().lm_head(hidden), hidden @ original.T)
+    before = emb.embed(ITEMS)
+    emb.merge_lora()
+    torch.testing.assert_close(emb._hf_model().lm_head(hidden), trained, atol=ATOL, rtol=0)
+    emb.save_pretrained(tmp_path / "merged")
+    merged = ElvaEmbedder.from_pretrained(tmp_path / "merged", lora_r=0)
+    torch.testing.assert_close(merged._hf_model().lm_head(hidden), trained, atol=ATOL, rtol=0)
+    torch.testing.assert_close(merged.embed(ITEMS), before, atol=ATOL, rtol=0)
+
+
 def test_attention_choice_is_sdpa_and_logged(caplog):
     if torch.cuda.is_available():
         pytest.skip("the auto choice is only pinned down on a CPU machine")

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from elva.data.mbeir import TASKS, load_instructions, load_pool, load_queries
+from elva.data.mbeir import TASKS, load_captions, load_instructions, load_pool, load_queries
 from elva.data.nli import load_nli_pairs
 from elva.data.synthetic import GRAIN_TYPES, TASK_KINDS, drop_grain, grains_of, make_multigrain
 
@@ -138,6 +138,24 @@ def test_stage1_pairs_and_manifest(generated):
     assert all(pair.anchor != pair.positive and pair.hard_negative not in (None, pair.anchor) for pair in pairs)
     summary = json.loads((manifest.root / "manifest.json").read_text())
     assert summary["parameters"]["seed"] == 3 and (manifest.root / summary["global_pools"]["test"]).is_file()
+
+
+def test_captions_cover_the_train_images_only(generated):
+    """The cold start's captions: every image of the train split (queries and candidates) has its scene's caption;
+    test-only images have none."""
+    manifest, pools, queries = generated
+    captions = load_captions(manifest.captions)
+    for query in queries["train"][0]:  # text -> image: the query text is the positive image's caption
+        assert captions[pools["train"][0][query.pos_cand_list[0]].img_path] == query.query_txt
+    train_images = ({c.img_path for pool in pools["train"].values() for c in pool.values() if c.img_path}
+                    | {q.query_img_path for task_queries in queries["train"].values() for q in task_queries
+                       if q.query_img_path})
+    test_images = ({c.img_path for pool in pools["test"].values() for c in pool.values() if c.img_path}
+                   | {q.query_img_path for task_queries in queries["test"].values() for q in task_queries
+                      if q.query_img_path})
+    assert set(captions) == train_images and not set(captions) & (test_images - train_images)
+    summary = json.loads((manifest.root / "manifest.json").read_text())
+    assert manifest.root / summary["captions"] == manifest.captions
 
 
 def test_bad_parameters(tmp_path):

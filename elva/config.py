@@ -154,7 +154,7 @@ class RlConfig:
     summaries then share the rollout's advantage.
 
     > Negatives per query: ``n_hard`` hardest non-positives scoring at most ``max_score`` (the near-duplicate filter)
-    plus ``n_random`` uniform ones, mined once with the starting (stage-2) model.
+    plus ``n_random`` uniform ones, mined once with the starting model (stage 2's, or the cold start's).
 
     > Loss: token-level clipped ratio (``clip``) against the rollout-time log-probs, ``num_iterations`` updates per
     batch of rollouts, k3 KL to the reference (the model with its adapters disabled) weighted by ``beta``,

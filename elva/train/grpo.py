@@ -9,8 +9,10 @@ Per optimizer step, for each query of the batch:
 2. **Rewards.** ``elva_kernels.elva_rewards`` ranks each rollout's candidates and gives R_Margin, R_Rank, R_total and
    the group-normalised advantages in one op.
 3. **Loss** (:func:`grpo_loss`): the token-level clipped importance ratio against the rollout-time log-probs, plus
-   beta times the k3 KL to the reference policy, which is the same model with its LoRA adapters disabled (the
-   stage-2 model: stage 3 folds any adapter it starts with into the weights and attaches fresh ones).
+   beta times the k3 KL to the reference policy, which is the same model with its LoRA adapters (and any
+   ``model.lora_modules_to_save`` copies) disabled: the starting model, since stage 3 folds any adapter it starts
+   with into the weights and attaches fresh ones. The paper starts from stage 2; the tiny recipe starts from the
+   generative cold start (configs/tiny_coldstart.yaml).
 
 Negatives are mined once with the starting model (its own extraction) into ``run_dir/negatives.jsonl`` unless
 ``data.negatives`` names a file from ``elva mine``. Logs use TRL's GRPO metric names (``logs.csv``), sample

@@ -195,16 +195,16 @@ def test_updates_move_probability_to_the_better_rollouts(stage2, tmp_path):
 
 
 def test_the_mean_reward_rises_from_the_cold_start(coldstart, tmp_path):
-    """The acceptance claim on a fixed seed: GRPO from the cold start raises the mean training reward. A fixed set of
-    16 queries (4 per task) is seen at every step, so the reward moves with the policy, not with the queries drawn. Measured on
-    this setting (seeds 0-2): the mean reward goes from about 0.09 over the first 5 steps to 0.15-0.18 over the last
-    10."""
+    """The acceptance claim, on a fixed seed: GRPO from the cold start raises the mean training reward. The same 16
+    queries (4 per task) are rolled out at every step, so the reward moves with the policy, not with the queries
+    drawn. Measured with this setting for seeds 0, 1 and 2: from 0.157, 0.137 and 0.135 over the first 5 steps to
+    0.215, 0.205 and 0.206 over the last 10 (+0.058 to +0.072)."""
     run_dir = tmp_path / "run"
     run_grpo(_config(coldstart, run_dir, "rl.max_new_tokens=20", "data.query_fraction=0.15", "train.batch_size=16",
                      "train.max_steps=30", "train.lr=1e-3"))
     rewards = [float(row["reward"]) for row in _rows(run_dir)]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-10:]) / 10
-    assert last > first + 0.03 and last > 1.3 * first, rewards
+    assert last > first + 0.03, rewards
 
 
 def test_stage3_runs_logs_trl_metrics_and_saves_a_generative_model(stage2, tmp_path):

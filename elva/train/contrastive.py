@@ -7,8 +7,8 @@ positive candidate). Negatives are the other positives of the micro-batch, gathe
 With ``model.extraction: generative``, stage 2 is the *generative cold start* that prepares stage 3 on a model that
 cannot write yet (the built-in tiny one; the paper's Qwen2-VL can). Each input gets a teacher-forced summary, then
 ``[RET]``; the loss is InfoNCE at ``[RET]`` plus ``train.summary_weight`` times the summaries' next-token loss. A
-text's summary is the text itself, an image's is its caption from ``data.captions``, and an (image, text) query's
-is its positive's (the scene it asks for).
+text's summary is the text itself, an image's is its caption from ``data.captions``, an (image, text) candidate's
+is its text and an (image, text) query's is its positive's (the scene it asks for).
 
 Single process (CPU or one GPU)::
 
@@ -119,13 +119,14 @@ class MBeirPairDataset(torch.utils.data.Dataset):
         return mbeir_item(record.txt, record.img_path, record.modality, self.image_root, record.origin)
 
     def summary(self, record, positive=None) -> str:
-        """A query's or candidate's cold-start summary: its text, its image's caption, or (image, text) -> the
-        positive's summary."""
-        text, image, modality = ((record.query_txt, record.query_img_path, record.query_modality)
-                                 if hasattr(record, "query_modality") else (record.txt, record.img_path, record.modality))
-        if modality == "text":
+        """A query's or candidate's cold-start summary: a text itself, an image its caption; with both, a candidate
+        its own text and a query its ``positive``'s summary (the scene it asks for)."""
+        is_query = hasattr(record, "query_modality")
+        text, image, modality = ((record.query_txt, record.query_img_path, record.query_modality) if is_query
+                                 else (record.txt, record.img_path, record.modality))
+        if modality == "text" or (modality == "image,text" and not is_query):
             return text
-        if modality == "image,text" and positive is not None:
+        if modality == "image,text":
             return self.summary(positive)
         if image not in self.captions:
             raise ValueError(f"{record.origin}: image {image!r} has no caption in data.captions ({self.captions_file}); "

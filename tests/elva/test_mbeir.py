@@ -163,6 +163,11 @@ def test_captions_and_the_cold_start_summaries(mbeir):
     assert (by_qid["9:2"].query_summary, by_qid["9:2"].candidate_summary) == ("a blue cat", "A cat sleeps.")
     composed = by_qid["8:3"]
     assert composed.query_summary == composed.candidate_summary in ("a red dog", "a blue cat")
+    from elva.data.mbeir import MBeirCandidate
+
+    both = MBeirCandidate(did="9:13", txt="A dog on the grass.", img_path="mbeir_images/mscoco_images/dog.png",
+                          modality="image,text", src_content=None)
+    assert dataset.summary(both) == "A dog on the grass."  # an (image, text) candidate is summarised by its text
     assert MBeirPairDataset([str(mbeir["queries"])], str(mbeir["pool"]), str(mbeir["instructions"]),
                             str(mbeir["root"]))[(0, 0)].query_summary is None
 

@@ -121,8 +121,8 @@ def teach_summaries(embedder, items: Sequence, instructions, summaries: Sequence
         completion_ids[row, len(ids)] = embedder.ret_token_id
     prompt = embedder.collator(items, instructions, generative=True)
     logprobs, embeddings = score_completions(embedder, prompt, completion_ids, ret_index)
-    taught = torch.arange(completion_ids.shape[1], device=logprobs.device)[None, :] <= ret_index.to(logprobs.device)[:, None]
-    return -logprobs[taught].mean(), embeddings
+    # score_completions zeroes every column after [RET]; each row teaches ret_index + 1 tokens.
+    return -logprobs.sum() / (ret_index + 1).sum(), embeddings
 
 
 def generate_embed(embedder, items: Sequence, instructions=None, *, sample: bool = False, temperature: float = 1.0,

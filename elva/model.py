@@ -227,12 +227,9 @@ class ModelConfig:
     generative_max_new_tokens: int = field(default=32, metadata={"help": "greedy summary length, generative"})
 
     def __post_init__(self):
-        if isinstance(self.lora_target_modules, str):
-            self.lora_target_modules = (self.lora_target_modules,)
-        self.lora_target_modules = tuple(self.lora_target_modules)
-        if isinstance(self.lora_modules_to_save, str):
-            self.lora_modules_to_save = (self.lora_modules_to_save,)
-        self.lora_modules_to_save = tuple(self.lora_modules_to_save)
+        for name in ("lora_target_modules", "lora_modules_to_save"):
+            value = getattr(self, name)
+            setattr(self, name, (value,) if isinstance(value, str) else tuple(value))
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}; got {self.dtype!r}")
         if self.attention not in _ATTENTIONS:

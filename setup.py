@@ -69,7 +69,8 @@ setup(
     extras_require={
         "gpu": ["flash-attn"],
         "dev": [
-            "pytest", "pytest-benchmark", "hypothesis", "faiss-cpu", "ranx", "matplotlib", "triton", "ninja", "pybind11",
+            "pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "faiss-cpu", "ranx", "matplotlib", "triton",
+            "ninja", "pybind11",
             "trl>=1.16", "sentence-transformers>=6",
         ],
     },

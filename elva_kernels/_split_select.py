@@ -107,11 +107,15 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def plan(num_queries: int, num_candidates: int, k: int, device: torch.device) -> tuple[int, int]:
-    """(split_size, list_size): enough programs to fill the GPU, and lists that hold the top k."""
+def plan(num_queries: int, num_candidates: int, k: int, device: torch.device | None = None, *,
+         multiprocessors: int | None = None) -> tuple[int, int]:
+    """(split_size, list_size): enough programs to fill the GPU (``device``'s, or ``multiprocessors`` SMs),
+    and lists that hold the top k."""
     list_size = 16 if k <= 16 else LIST_MAX  # two list sizes: two compiled variants per dtype
     row_blocks = math.ceil(num_queries / QUERY_BLOCK)
-    splits = math.ceil(4 * _multiprocessors(device) / row_blocks)  # about 4 programs per SM
+    if multiprocessors is None:
+        multiprocessors = _multiprocessors(device)
+    splits = math.ceil(4 * multiprocessors / row_blocks)  # about 4 programs per SM
     if k > list_size:
         splits = max(splits, math.ceil(LISTED_PER_K * k / list_size))
     split_size = math.ceil(math.ceil(num_candidates / splits) / SPLIT_QUANTUM) * SPLIT_QUANTUM

@@ -111,6 +111,7 @@ struct QueryMask {
   __device__ bool real(int64_t g, int64_t c) const { return row == nullptr || row[g * stride_g + c]; }
 };
 
+// sm90-expect: max_spill_bytes=0
 template <typename T, int kVec, bool kShared>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     elva_rewards_kernel(const ElvaRewardsArgs a, int64_t chunk, double ln_base) {
@@ -312,6 +313,7 @@ struct Min {
 };
 
 // "batch": the group deviations over the unbiased std of all n = B * G totals (TRL's scale_rewards="batch").
+// sm90-expect: max_spill_bytes=0
 __global__ void __launch_bounds__(kBatchThreads)
     batch_advantages_kernel(const double* __restrict__ scratch, int64_t n, double adv_eps, float* __restrict__ out) {
   __shared__ double slots[kWarpSize];

@@ -175,6 +175,7 @@ __device__ __forceinline__ float grad_logit(float z, int64_t i, int64_t j, int64
 constexpr int kRowWarps = 8;
 constexpr int64_t kMaxRowBlocks = 1 << 16;
 
+// sm90-expect: max_spill_bytes=0
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kRowWarps * kWarpSize, 1)
     inv_norm_kernel(const T* __restrict__ x, int64_t rows, int64_t dim, int64_t stride, float* __restrict__ scale,
@@ -208,6 +209,7 @@ __global__ void __launch_bounds__(kRowWarps * kWarpSize, 1)
 }
 
 // grad_x = (g - u (u.g)) / max(|x|, eps) with u = x / max(|x|, eps), or g / eps when |x| <= eps; one warp per row.
+// sm90-expect: max_spill_bytes=0
 template <typename T>
 __global__ void __launch_bounds__(kRowWarps * kWarpSize)
     normalize_backward_kernel(const T* __restrict__ x, int64_t stride, const float* __restrict__ grad_unit,
@@ -242,6 +244,9 @@ __global__ void __launch_bounds__(kRowWarps * kWarpSize)
 // ---------------------------------------------------------------------------------------------------------
 // Forward
 
+// sm90-expect: tensor_cores=HMMA async_copy=yes
+// sm90-expect(<float): tensor_cores=none
+// sm90-known: async_copy: issue 16 (single-buffered 64x64 tiles staged through shared memory)
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const Args a) {
   __shared__ __align__(16) unsigned char gemm[kGemmBytesWithSource];
@@ -311,6 +316,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Args a) {
 }
 
 // Symmetric: the candidate -> query lse of the first B candidates; finalises loss (which holds z_jj).
+// sm90-expect: tensor_cores=HMMA async_copy=yes
+// sm90-expect(<float): tensor_cores=none
+// sm90-known: async_copy: issue 16 (single-buffered 64x64 tiles staged through shared memory)
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) column_lse_kernel(const Args a) {
   __shared__ __align__(16) unsigned char gemm[kGemmBytesWithSource];
@@ -371,6 +379,8 @@ __global__ void __launch_bounds__(kThreads) column_lse_kernel(const Args a) {
 // Backward
 
 // Symmetric: rlse_i = 2 loss_i - lse_i + 2 z_ii (fp64, rounded to fp32), z_ii from the diagonal tile.
+// sm90-expect: tensor_cores=HMMA
+// sm90-expect(<float): tensor_cores=none
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads, 1) diagonal_kernel(const Args a) {
   __shared__ __align__(16) unsigned char gemm[kGemmBytesWithSource];
@@ -473,6 +483,9 @@ __device__ __forceinline__ void store_block_sum(double value, double* out) {
   }
 }
 
+// sm90-expect: tensor_cores=HMMA async_copy=yes
+// sm90-expect(<float): tensor_cores=none
+// sm90-known: async_copy: issue 16 (single-buffered 64x64 tiles staged through shared memory)
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) grad_queries_kernel(const Args a) {
   __shared__ __align__(16) unsigned char gemm[kGemmBytesWithSource];
@@ -542,6 +555,9 @@ __global__ void __launch_bounds__(kThreads) grad_queries_kernel(const Args a) {
   store_block_sum(tau_sum, a.tau_partials);
 }
 
+// sm90-expect: tensor_cores=HMMA async_copy=yes
+// sm90-expect(<float): tensor_cores=none
+// sm90-known: async_copy: issue 16 (single-buffered 64x64 tiles staged through shared memory)
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) grad_candidates_kernel(const Args a) {
   __shared__ __align__(16) unsigned char gemm[kGemmBytesWithSource];
@@ -599,6 +615,7 @@ __global__ void __launch_bounds__(kThreads) grad_candidates_kernel(const Args a)
 }
 
 // grad_temperature = -sum(partials) / tau^2 (fp64), one CTA.
+// sm90-expect: max_spill_bytes=0
 __global__ void __launch_bounds__(kThreads)
     finish_temperature_kernel(const double* __restrict__ partials, int64_t count, const float* __restrict__ tau,
                               float* __restrict__ out) {

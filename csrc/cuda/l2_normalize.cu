@@ -25,6 +25,7 @@ using device::to_float;
 using device::warp_sum;
 
 // Requires dim % kVec == 0 and 16-byte-aligned packs (the launcher checks); kVec == 1 serves any layout.
+// sm90-expect: max_spill_bytes=0
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     l2_normalize_kernel(const T* __restrict__ x, int64_t rows, int64_t dim, int64_t row_stride, float eps,

@@ -152,6 +152,9 @@ struct TopkParams {
   int32_t* nonfinite;
 };
 
+// sm90-expect: tensor_cores=HMMA async_copy=yes scores_per_thread=16
+// sm90-expect(<float): tensor_cores=none
+// sm90-known: async_copy: issue 15 (single-buffered 64x64 tiles staged through shared memory)
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads, 2) split_topk_kernel(const TopkParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -292,6 +295,9 @@ struct RankParams {
   int32_t* nonfinite;
 };
 
+// sm90-expect: tensor_cores=HMMA async_copy=yes scores_per_thread=16
+// sm90-expect(<float): tensor_cores=none
+// sm90-known: async_copy: issue 15 (single-buffered 64x64 tiles staged through shared memory)
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) split_rank_counts_kernel(const RankParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -395,6 +401,7 @@ struct PairParams {
   float* out;
 };
 
+// sm90-expect: max_spill_bytes=0
 __global__ void __launch_bounds__(kPairThreads) pair_scores_f32_kernel(const PairParams p) {
   __shared__ float q_rows[kPairWarps][kWarpSize * (kChunkF32 + 1)];
   __shared__ float c_rows[kPairWarps][kWarpSize * (kChunkF32 + 1)];
@@ -436,6 +443,7 @@ __global__ void __launch_bounds__(kPairThreads) pair_scores_f32_kernel(const Pai
   }
 }
 
+// sm90-expect: tensor_cores=HMMA
 template <typename T>
 __global__ void __launch_bounds__(kPairThreads) pair_scores_half_kernel(const PairParams p) {
   constexpr int kPairs = 16;

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from elva_kernels.reference import elva_rewards as reference
+from elva_kernels.triton import aot
 from elva_kernels.triton.similarity_topk import KEY_MIN, LOW_WORD, _nonfinite, _score_keys, upcast_for
 
 ADVANTAGE_CODES = {"group": 0, "batch": 1, "none": 2}
@@ -132,6 +133,13 @@ def elva_rewards_kernel(
                  mask=pair_ok)
 
 
+def _tile(group: int, num_candidates: int, dim: int) -> tuple[int, int, int]:
+    """(G_PAD, C_PAD, BLOCK_D): the [G, C, BLOCK_D] product tile stays within TILE_ELEMENTS registers."""
+    g_pad = triton.next_power_of_2(group)
+    c_pad = max(16, triton.next_power_of_2(num_candidates))
+    return g_pad, c_pad, max(1, min(64, TILE_ELEMENTS // (g_pad * c_pad), triton.next_power_of_2(dim)))
+
+
 def elva_rewards(query_emb, cand_emb, positive_index, mask, delta, gamma, alpha, eps, log_base, advantage, adv_eps,
                  return_scores):
     """Launcher of ``elva::elva_rewards_triton`` (the schema of ``_library.SIGNATURES["elva_rewards"]``)."""
@@ -155,9 +163,7 @@ def elva_rewards(query_emb, cand_emb, positive_index, mask, delta, gamma, alpha,
         kept = mask.to(torch.uint8)
         mask_strides = (kept.stride(0), kept.stride(1), kept.stride(2)) if kept.dim() == 3 else (
             kept.stride(0), 0, kept.stride(1))
-    g_pad = triton.next_power_of_2(group)
-    c_pad = max(16, triton.next_power_of_2(num_candidates))
-    block_d = max(1, min(64, TILE_ELEMENTS // (g_pad * c_pad), triton.next_power_of_2(dim)))
+    g_pad, c_pad, block_d = _tile(group, num_candidates, dim)
     elva_rewards_kernel[(num_queries,)](
         query_emb, cand_emb, positive_index.contiguous(), kept,
         *outputs, rank, advantages, scores, total64, error,
@@ -177,21 +183,39 @@ def elva_rewards(query_emb, cand_emb, positive_index, mask, delta, gamma, alpha,
     return total, margin, rank_reward, rank, advantages, scores
 
 
-AOT_SPECS = [
-    (
-        elva_rewards_kernel,
-        {"q_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "positive_ptr": "*i64", "mask_ptr": "*u8",
-         "total_ptr": "*fp32", "margin_ptr": "*fp32", "rank_reward_ptr": "*fp32", "rank_ptr": "*i64",
-         "advantages_ptr": "*fp32", "scores_ptr": "*fp32", "total64_ptr": "*fp64", "error_ptr": "*i32",
-         "group": "i32", "num_candidates": "i32", "dim": "i32", "stride_qb": "i64", "stride_qg": "i64",
-         "stride_cb": "i64", "stride_cg": "i64", "stride_cc": "i64", "stride_mb": "i64", "stride_mg": "i64",
-         "stride_mc": "i64", "delta": "fp32", "gamma": "fp32", "alpha": "fp32", "eps": "fp32",
-         "inv_log_base": "fp32", "adv_eps": "fp32", "ADVANTAGE": "constexpr",
-         "RETURN_SCORES": "constexpr", "UPCAST": "constexpr", "G_PAD": "constexpr", "C_PAD": "constexpr",
-         "BLOCK_D": "constexpr"},
-        {"ADVANTAGE": mode, "RETURN_SCORES": mode == 0, "UPCAST": False, "G_PAD": 8,
-         "C_PAD": 128, "BLOCK_D": 16},
+# SPEC's headline: B = 512 queries, G = 8 rollouts, C = 101 candidates, d = 1536.
+HEADLINE = dict(queries=512, group=8, candidates=101, dim=1536)
+
+
+def _aot_case(dtype, advantage, return_scores, shared):
+    """``shared``: candidates [B, C, d] broadcast over the rollouts with a [B, C] mask; else [B, G, C, d], no mask."""
+    b, g, c, d = HEADLINE.values()
+    element = aot.DTYPES[dtype]
+    g_pad, c_pad, block_d = _tile(g, c, d)
+    vector, int64 = aot.meta(b, g), aot.meta(b, g, dtype=torch.int64)
+    candidate_strides = (c * d, 0, d) if shared else (g * c * d, c * d, d)
+    mask_strides = (c, 0, 1) if shared else (0, 0, 0)
+    args = dict(
+        q_ptr=aot.meta(b, g, d, dtype=element), c_ptr=aot.meta(b, c, d, dtype=element),
+        positive_ptr=aot.meta(b, dtype=torch.int64), mask_ptr=aot.meta(b, c, dtype=torch.uint8),
+        total_ptr=vector, margin_ptr=vector, rank_reward_ptr=vector, rank_ptr=int64, advantages_ptr=vector,
+        scores_ptr=aot.meta(b, g, c), total64_ptr=aot.meta(b, g, dtype=torch.float64),
+        error_ptr=aot.meta(1, dtype=torch.int32), group=g, num_candidates=c, dim=d,
+        stride_qb=g * d, stride_qg=d, stride_cb=candidate_strides[0], stride_cg=candidate_strides[1],
+        stride_cc=candidate_strides[2], stride_mb=mask_strides[0], stride_mg=mask_strides[1],
+        stride_mc=mask_strides[2], delta=0.05, gamma=0.01, alpha=0.4, eps=0.6, inv_log_base=1.0, adv_eps=1e-4,
+        ADVANTAGE=ADVANTAGE_CODES[advantage], RETURN_SCORES=return_scores, UPCAST=False, G_PAD=g_pad, C_PAD=c_pad,
+        BLOCK_D=block_d,
     )
-    for dtype in ("fp32", "fp16", "bf16")
-    for mode in (0, 1)
+    label = f"{dtype}, advantage {advantage}" + (", scores" if return_scores else "") + (
+        ", shared masked candidates" if shared else ", per-rollout candidates")
+    known = {"spills": "issue 16: the [G, C, BLOCK_D] product tile in fp32 registers"} if dtype == "fp32" else {}
+    return aot.Case(elva_rewards_kernel, label, args, aot.Expect(known=known))
+
+
+AOT_CASES = [
+    _aot_case(dtype, advantage, return_scores, shared=return_scores)
+    for dtype in aot.DTYPES
+    for advantage in ADVANTAGE_CODES
+    for return_scores in (False, True)
 ]

@@ -17,6 +17,8 @@ reference's ``_common.prepare_backward_rows``.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -24,6 +26,7 @@ import triton.language as tl
 from elva_kernels import _split_select
 from elva_kernels.reference import _common
 from elva_kernels.reference import infonce_loss as reference
+from elva_kernels.triton import aot
 from elva_kernels.triton.rank_statistics import pair_scores
 from elva_kernels.triton.similarity_topk import (
     BLOCK_K, BLOCK_M, BLOCK_N, NUM_STAGES, NUM_WARPS, _listed, _nonfinite, _score_tile, upcast_for,
@@ -278,28 +281,52 @@ def infonce_loss_backward(queries, candidates, labels, temperature, symmetric, f
     )
 
 
-_SIZES = {"num_queries": "i32", "num_candidates": "i32", "dim": "i32", "stride_q": "i64", "stride_c": "i64"}
-_TILE = {"UPCAST": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-_TILE_VALUES = {"UPCAST": False, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K}
+# SPEC's headline InfoNCE workload: B = N = 16384, d = 1536, no false negatives.
+HEADLINE_ROWS, HEADLINE_DIM = 16384, 1536
 
 
-def _rows(dtype):
-    return {"q_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "q_scale_ptr": "*fp32", "c_scale_ptr": "*fp32"}
-
-
-_GRAD_INPUTS = {"labels_ptr": "*i64", "fn_ptr": "*i64", "fn_width": "i32", "tau_ptr": "*fp32", "lse_ptr": "*fp32",
-                "weight_ptr": "*fp32", "upstream_lse_ptr": "*fp32", "column_lse_ptr": "*fp32"}
-AOT_SPECS = []
-for _dtype in ("fp32", "fp16", "bf16"):
-    AOT_SPECS += [
-        (forward_kernel, {**_rows(_dtype), "labels_ptr": "*i64", "fn_ptr": "*i64", "fn_width": "i32",
-                          "tau_ptr": "*fp32", "lse_ptr": "*fp32", "positive_ptr": "*fp32", "nonfinite_ptr": "*i32",
-                          **_SIZES, **_TILE}, _TILE_VALUES),
-        (column_lse_kernel, {**_rows(_dtype), "fn_ptr": "*i64", "fn_width": "i32", "tau_ptr": "*fp32",
-                             "column_lse_ptr": "*fp32", "num_queries": "i32", "dim": "i32", "stride_q": "i64",
-                             "stride_c": "i64", **_TILE}, _TILE_VALUES),
-        (grad_queries_kernel, {**_rows(_dtype), **_GRAD_INPUTS, "grad_q_ptr": "*fp32", "grad_tau_ptr": "*fp32",
-                               **_SIZES, "SYMMETRIC": "constexpr", **_TILE}, {"SYMMETRIC": True, **_TILE_VALUES}),
-        (grad_candidates_kernel, {**_rows(_dtype), **_GRAD_INPUTS, "grad_c_ptr": "*fp32", **_SIZES,
-                                  "SYMMETRIC": "constexpr", **_TILE}, {"SYMMETRIC": True, **_TILE_VALUES}),
+def _aot_cases(dtype):
+    rows, dim = HEADLINE_ROWS, HEADLINE_DIM
+    element = aot.DTYPES[dtype]
+    vector = aot.meta(rows)
+    ids = aot.meta(rows, dtype=torch.int64)
+    tensors = dict(q_ptr=aot.meta(rows, dim, dtype=element), c_ptr=aot.meta(rows, dim, dtype=element),
+                   q_scale_ptr=vector, c_scale_ptr=vector, fn_ptr=ids, fn_width=0, tau_ptr=aot.meta())
+    sizes = dict(num_queries=rows, num_candidates=rows, dim=dim, stride_q=dim, stride_c=dim)
+    tile = dict(UPCAST=False, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    grad_inputs = dict(tensors, labels_ptr=ids, lse_ptr=vector, weight_ptr=vector, upstream_lse_ptr=vector,
+                       column_lse_ptr=vector)
+    on_tensor_cores = dtype != "fp32"  # fp32 rows take exact fp32 FMAs (input_precision="ieee")
+    small_tiles = {"mma_n": "issue 16: 64x64 tiles"} if on_tensor_cores else {}
+    scores = aot.Expect(tensor_cores="HGMMA" if on_tensor_cores else None, min_mma_n=128 if on_tensor_cores else 0,
+                        async_copy=True, known=small_tiles)
+    forward = dataclasses.replace(scores, known={"spills": "issue 16: fp32 score tiles beside the online lse"}
+                                  if dtype == "fp32" else small_tiles)
+    products = aot.Expect(
+        tensor_cores="HGMMA" if on_tensor_cores else None, min_mma_n=128 if on_tensor_cores else 0,
+        cuda_core_dots=not on_tensor_cores, async_copy=True,
+        known={**small_tiles, "spills": "issue 16: fp32 dot operands and the d-chunk loop",
+               **({"cuda_core_dots": "issue 16: dQ/dC as fp32 ieee dots"} if on_tensor_cores else {})})
+    options = dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    cases = [
+        aot.Case(forward_kernel, dtype, dict(tensors, labels_ptr=ids, lse_ptr=vector, positive_ptr=vector,
+                                             nonfinite_ptr=aot.meta(1, dtype=torch.int32), **sizes, **tile),
+                 forward, **options),
+        aot.Case(column_lse_kernel, dtype, dict(tensors, column_lse_ptr=vector, num_queries=rows, dim=dim,
+                                                stride_q=dim, stride_c=dim, **tile), scores, **options),
     ]
+    for symmetric in (False, True):
+        label = f"{dtype}, {'symmetric' if symmetric else 'one direction'}"
+        programs = triton.cdiv(rows, BLOCK_M)
+        cases += [
+            aot.Case(grad_queries_kernel, label,
+                     dict(grad_inputs, grad_q_ptr=aot.meta(rows, dim), grad_tau_ptr=aot.meta(programs), **sizes,
+                          SYMMETRIC=symmetric, **tile), products, **options),
+            aot.Case(grad_candidates_kernel, label,
+                     dict(grad_inputs, grad_c_ptr=aot.meta(rows, dim), **sizes, SYMMETRIC=symmetric, **tile),
+                     products, **options),
+        ]
+    return cases
+
+
+AOT_CASES = [case for dtype in aot.DTYPES for case in _aot_cases(dtype)]

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from elva_kernels.triton import aot
+
 
 @triton.jit
 def l2_normalize_kernel(
@@ -46,21 +48,24 @@ def l2_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
         x = x.contiguous()
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     nonfinite = torch.zeros(1, dtype=torch.int32, device=x.device)
-    # 1024 fp32 lanes per chunk keeps a row in registers up to d = 1024 and loops beyond.
-    block_d = min(1024, triton.next_power_of_2(x.shape[1]))
-    l2_normalize_kernel[(x.shape[0],)](x, out, nonfinite, x.shape[1], x.stride(0), out.stride(0), eps, BLOCK_D=block_d)
+    l2_normalize_kernel[(x.shape[0],)](x, out, nonfinite, x.shape[1], x.stride(0), out.stride(0), eps,
+                                       BLOCK_D=_block_d(x.shape[1]))
     if nonfinite.item():  # the one host sync: nothing is returned on bad input
         raise ValueError("x must contain only finite values; found NaN/Inf entries")
     return out
 
 
-# Signatures compiled ahead of time for sm_90 by tests/build/test_triton_aot.py.
-AOT_SPECS = [
-    (
-        l2_normalize_kernel,
-        {"x_ptr": f"*{dtype}", "out_ptr": "*fp32", "nonfinite_ptr": "*i32", "dim": "i32", "stride_x": "i64",
-         "stride_out": "i64", "eps": "fp32", "BLOCK_D": "constexpr"},
-        {"BLOCK_D": 1024},
-    )
-    for dtype in ("fp32", "fp16", "bf16")
+def _block_d(dim: int) -> int:
+    """1024 fp32 lanes per chunk keeps a row in registers up to d = 1024 and loops beyond."""
+    return min(1024, triton.next_power_of_2(dim))
+
+
+# A candidate pool of 1M rows of d = 1536, normalised once.
+AOT_CASES = [
+    aot.Case(l2_normalize_kernel, dtype,
+             dict(x_ptr=aot.meta(1_000_000, 1536, dtype=element), out_ptr=aot.meta(1_000_000, 1536),
+                  nonfinite_ptr=aot.meta(1, dtype=torch.int32), dim=1536, stride_x=1536, stride_out=1536, eps=1e-12,
+                  BLOCK_D=_block_d(1536)),
+             aot.Expect())
+    for dtype, element in aot.DTYPES.items()
 ]

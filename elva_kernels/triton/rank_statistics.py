@@ -12,9 +12,11 @@ import torch
 import triton
 import triton.language as tl
 
+from elva_kernels import _split_select
+from elva_kernels.triton import aot
 from elva_kernels.triton.similarity_topk import (
-    BLOCK_K, BLOCK_M, BLOCK_N, KEY_MIN, NUM_STAGES, NUM_WARPS, _listed, _nonfinite, _score_keys, _score_tile,
-    upcast_for,
+    BLOCK_K, BLOCK_M, BLOCK_N, HEADLINE_CANDIDATES, HEADLINE_DIM, HEADLINE_QUERIES, HEADLINE_SMS, KEY_MIN, NUM_STAGES,
+    NUM_WARPS, _listed, _nonfinite, _score_keys, _score_tile, upcast_for,
 )
 
 
@@ -108,28 +110,35 @@ def split_rank_counts(queries, candidates, query_scale, candidate_scale, positiv
     return ahead, max_neg, nonfinite
 
 
-_TILE = {"UPCAST": False, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K}
-AOT_SPECS = [
-    spec
-    for dtype in ("fp32", "fp16", "bf16")
-    for spec in (
-        (
-            pair_scores_kernel,
-            {"q_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "q_scale_ptr": "*fp32", "c_scale_ptr": "*fp32",
-             "ids_ptr": "*i64", "width": "i32", "out_ptr": "*fp32", "num_queries": "i32", "dim": "i32",
-             "stride_q": "i64", "stride_c": "i64", "UPCAST": "constexpr", "BLOCK_M": "constexpr",
-             "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
-            _TILE,
-        ),
-        (
-            split_rank_counts_kernel,
-            {"q_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "q_scale_ptr": "*fp32", "c_scale_ptr": "*fp32",
-             "positives_ptr": "*i64", "positives_width": "i32", "exclude_ptr": "*i64", "exclude_width": "i32",
-             "pos_keys_ptr": "*i64", "ahead_ptr": "*i64", "max_neg_ptr": "*i64", "nonfinite_ptr": "*i32",
-             "num_queries": "i32", "num_candidates": "i32", "dim": "i32", "stride_q": "i64", "stride_c": "i64",
-             "splits": "i32", "split_size": "i32", "UPCAST": "constexpr", "BLOCK_M": "constexpr",
-             "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
-            _TILE,
-        ),
-    )
-]
+def _aot_cases(dtype):
+    """The headline workload of similarity_topk's cases, one positive per query (M-BEIR's usual case)."""
+    rows, pool, dim = HEADLINE_QUERIES, HEADLINE_CANDIDATES, HEADLINE_DIM
+    split_size, _ = _split_select.plan(rows, pool, 1, multiprocessors=HEADLINE_SMS)
+    splits = triton.cdiv(pool, split_size)
+    element = aot.DTYPES[dtype]
+    shared = dict(q_ptr=aot.meta(rows, dim, dtype=element), c_ptr=aot.meta(pool, dim, dtype=element),
+                  q_scale_ptr=aot.meta(rows), c_scale_ptr=aot.meta(pool), dim=dim, stride_q=dim, stride_c=dim,
+                  UPCAST=False, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    ids = aot.meta(rows, 1, dtype=torch.int64)
+    on_tensor_cores = dtype != "fp32"
+    pair = aot.Case(pair_scores_kernel, dtype, dict(shared, ids_ptr=ids, width=1, out_ptr=aot.meta(rows, 1),
+                                                    num_queries=rows),
+                    aot.Expect(tensor_cores="HGMMA" if on_tensor_cores else None),
+                    num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    counts = aot.Case(
+        split_rank_counts_kernel, dtype,
+        dict(shared, positives_ptr=ids, positives_width=1, exclude_ptr=ids, exclude_width=0,
+             pos_keys_ptr=aot.meta(rows, dtype=torch.int64), ahead_ptr=aot.meta(rows, splits, dtype=torch.int64),
+             max_neg_ptr=aot.meta(rows, splits, dtype=torch.int64), nonfinite_ptr=aot.meta(1, dtype=torch.int32),
+             num_queries=rows, num_candidates=pool, splits=splits, split_size=split_size),
+        aot.Expect(tensor_cores="HGMMA" if on_tensor_cores else None, min_mma_n=128 if on_tensor_cores else 0,
+                   async_copy=True, max_epilogue_per_score=8, int64_compares=False,
+                   known={"epilogue": "issue 15: int64 keys and id lists compared per score",
+                          "int64_compares": "issue 15: int64 keys compared per score",
+                          **({"spills": "issue 15: fp32 score tiles beside int64 keys"} if dtype == "fp32" else {}),
+                          **({"mma_n": "issue 15: 64x64 tiles"} if on_tensor_cores else {})}),
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    return [pair, counts]
+
+
+AOT_CASES = [case for dtype in aot.DTYPES for case in _aot_cases(dtype)]

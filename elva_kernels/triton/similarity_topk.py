@@ -17,6 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from elva_kernels import _split_select
+from elva_kernels.triton import aot
+
 KEY_MIN = tl.constexpr(-(2**63))  # an ineligible candidate
 KEY_MAX = tl.constexpr(2**63 - 1)  # upper bound of a first round: none
 REAL_KEY_MIN = tl.constexpr(-(2**63) + 2**31)  # every real key is at least this (ids < 2**31)
@@ -194,18 +197,54 @@ def split_topk(queries, candidates, query_scale, candidate_scale, exclude, max_s
     return keys, nonfinite
 
 
-_TILE = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K}
-AOT_SPECS = [
-    (
-        split_topk_kernel,
-        {"q_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "q_scale_ptr": "*fp32", "c_scale_ptr": "*fp32",
-         "exclude_ptr": "*i64", "exclude_width": "i32", "max_score_ptr": "*fp32", "upper_ptr": "*i64",
-         "keys_ptr": "*i64", "nonfinite_ptr": "*i32", "num_queries": "i32", "num_candidates": "i32", "dim": "i32",
-         "stride_q": "i64", "stride_c": "i64", "splits": "i32", "split_size": "i32", "seed": "i32",
-         "LIST": "constexpr", "KEY_MODE": "constexpr", "HAS_MAX_SCORE": "constexpr", "UPCAST": "constexpr",
-         "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
-        {"LIST": list_size, "KEY_MODE": key_mode, "HAS_MAX_SCORE": has_max, "UPCAST": False, **_TILE},
+# The headline workload (B=1024, N=1M, d=1536) on an H100's 132 SMs, as _split_select plans it.
+HEADLINE_QUERIES, HEADLINE_CANDIDATES, HEADLINE_DIM, HEADLINE_SMS = 1024, 1_000_000, 1536, 132
+
+
+def _split_topk_case(dtype, list_size, key_mode, has_max_score, exclude_width):
+    split_size, _ = _split_select.plan(HEADLINE_QUERIES, HEADLINE_CANDIDATES, 1 if list_size == 16 else 1000,
+                                       multiprocessors=HEADLINE_SMS)
+    splits = triton.cdiv(HEADLINE_CANDIDATES, split_size)
+    rows, dim = HEADLINE_QUERIES, HEADLINE_DIM
+    element = aot.DTYPES[dtype]
+    args = dict(
+        q_ptr=aot.meta(rows, dim, dtype=element), c_ptr=aot.meta(HEADLINE_CANDIDATES, dim, dtype=element),
+        q_scale_ptr=aot.meta(rows), c_scale_ptr=aot.meta(HEADLINE_CANDIDATES),
+        exclude_ptr=aot.meta(rows, exclude_width, dtype=torch.int64), exclude_width=exclude_width,
+        max_score_ptr=aot.meta(rows), upper_ptr=aot.meta(rows, splits, dtype=torch.int64),
+        keys_ptr=aot.meta(rows, splits, list_size, dtype=torch.int64), nonfinite_ptr=aot.meta(1, dtype=torch.int32),
+        num_queries=rows, num_candidates=HEADLINE_CANDIDATES, dim=dim, stride_q=dim, stride_c=dim, splits=splits,
+        split_size=split_size, seed=0,
+        LIST=list_size, KEY_MODE=key_mode, HAS_MAX_SCORE=has_max_score, UPCAST=False,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
     )
-    for dtype in ("fp32", "fp16", "bf16")
-    for list_size, key_mode, has_max in ((16, 0, True), (128, 0, True), (128, 1, True), (128, 1, False))
+    scored = key_mode == 0 or has_max_score
+    on_tensor_cores = scored and dtype != "fp32"  # fp32 rows take exact fp32 FMAs (input_precision="ieee")
+    known = {}
+    if list_size > 16 or not scored or dtype == "fp32":
+        known["spills"] = "issue 15: the [64, LIST] int64 register list beside the score tile"
+    if on_tensor_cores:
+        known["mma_n"] = "issue 15: 64x64 tiles"
+    if key_mode == 0:
+        known["epilogue"] = known["int64_compares"] = "issue 15: int64 keys and an insertion loop per tile"
+    expect = aot.Expect(
+        tensor_cores="HGMMA" if on_tensor_cores else None,
+        min_mma_n=128 if on_tensor_cores else 0,
+        async_copy=scored,
+        max_epilogue_per_score=8 if key_mode == 0 else None,
+        int64_compares=key_mode != 0,
+        known=known,
+    )
+    label = f"{dtype} list {list_size} " + ("by score" if key_mode == 0 else "by random key") + (
+        ", max_score" if has_max_score else "")
+    return aot.Case(split_topk_kernel, label, args, expect, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+
+
+# Every variant exact_top_keys launches: key mode 0 always carries max_score (+inf when none is given);
+# mining (key mode 1) excludes its positives, one per query.
+AOT_CASES = [
+    _split_topk_case(dtype, list_size, key_mode, has_max_score, exclude_width=0 if key_mode == 0 else 1)
+    for dtype in aot.DTYPES
+    for list_size in (16, _split_select.LIST_MAX)
+    for key_mode, has_max_score in ((0, True), (1, True), (1, False))
 ]

@@ -15,20 +15,35 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FORWARD_TOLERANCE = {torch.float32: (2e-6, 2e-6), torch.float16: (2e-6, 2e-6), torch.bfloat16: (2e-6, 2e-6)}
 
 
-def devices() -> list:
-    """Parametrisation values: CUDA cases carry the ``gpu`` marker (skipped without a GPU)."""
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+def backend_matrix(op: str, *, reference: bool = False) -> list:
+    """Parametrisation values ``(backend, device)`` for every backend the registry lists for ``op`` and every
+    device it runs on: the op's test matrix. CUDA pairs carry the ``gpu`` marker (skipped without a GPU); the
+    ``torch`` reference joins only with ``reference=True`` (it is what the others are compared against)."""
+    params = []
+    for backend in _dispatch.backends(op):
+        if backend.name == "torch" and not reference:
+            continue
+        for device in sorted(backend.devices, key=lambda d: d != "cpu"):
+            marks = [pytest.mark.gpu] if device == "cuda" else []
+            params.append(pytest.param(backend.name, device, id=f"{backend.name}-{device}", marks=marks))
+    return params
 
 
-def backend_or_skip(op: str, name: str, device: str, dtype: torch.dtype) -> _dispatch.Backend:
-    """The registered backend, or a skip carrying the reasons it cannot run here."""
+def require_backend(op: str, name: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> _dispatch.Backend:
+    """The registered backend, which must be able to run here: a refusal fails the test (a missing build would
+    otherwise hide as a skip). Only a CUDA device that is not there skips."""
     registered = {b.name: b for b in _dispatch.backends(op)}
-    if name not in registered:
-        pytest.skip(f"{op} has no {name} backend yet")
+    assert name in registered, f"{op} has no {name} backend in the registry"
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     reasons = registered[name].refusal_reasons(_dispatch.Call(torch.device(device), dtype, {}))
-    if reasons:
-        pytest.skip(f"{name} cannot run {op} on {device}/{dtype}: " + "; ".join(reasons))
+    assert not reasons, f"{name} cannot run {op} on {device}/{dtype}: " + "; ".join(reasons)
     return registered[name]
+
+
+def dtypes_of(op: str, name: str) -> tuple[torch.dtype, ...]:
+    """The dtypes the registry says ``name`` serves for ``op``."""
+    return next(b.dtypes for b in _dispatch.backends(op) if b.name == name)
 
 
 def ragged_size(gen: torch.Generator, low: int, high: int) -> int:
@@ -70,11 +85,8 @@ def check_backend_against_reference(
     """For every dtype the backend supports, run ``cases`` random cases through ``backend`` and the
     ``torch`` reference and ``compare`` them. ``make_case`` builds CPU inputs (ragged, with ties)."""
     checked = 0
-    for dtype in DTYPES:
-        registered = {b.name: b for b in _dispatch.backends(op)}
-        if backend in registered and dtype not in registered[backend].dtypes:
-            continue
-        backend_or_skip(op, backend, device, dtype)
+    for dtype in dtypes_of(op, backend):
+        require_backend(op, backend, device, dtype)
         gen = torch.Generator().manual_seed(seed)
         for _ in range(cases):
             case = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in make_case(gen, dtype).items()}

@@ -9,6 +9,7 @@ of RL alone. ``elva compare`` repeats this over seeds. Everything lands in the r
 """
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +17,8 @@ from typing import Sequence
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # The columns of the stage-2 vs stage-3 table: (label, model, extraction); "coldstart" is stage 3's starting point.
 VARIANTS = (("stage2", "stage2", "emb"), ("coldstart", "coldstart", "generative"), ("stage3", "stage3", "generative"))
+# The headline of a finished run (R@5 before and after, the stage-2 vs stage-3 table), in the run folder.
+SUMMARY = "summary.json"
 
 
 def _stage(config_name: str, run_dir: Path, data_root: Path, seed: int, *extra: str) -> Path:
@@ -85,9 +88,10 @@ def run(run_dir: Path, *, seed: int = 0, scenes: int = 200) -> dict:
     print(f"\nmean multi-grain R@5: untrained {before:.4f} -> stage 2 {_mean_r5(results['stage2']):.4f} -> "
           f"stage 3 {_mean_r5(results['stage3']):.4f}")
     print(f"outputs: {run_dir}")
-    return {"untrained": untrained, **results, "table": table, "r5_before": before,
-            "r5_after": _mean_r5(results["stage2"]), "r5_stage3": _mean_r5(results["stage3"]),
-            "model": stage3, "models": models}
+    headline = {"r5_before": before, "r5_after": _mean_r5(results["stage2"]), "r5_stage3": _mean_r5(results["stage3"]),
+                "table": table}
+    (run_dir / SUMMARY).write_text(json.dumps(headline, indent=2) + "\n", encoding="utf-8")
+    return {"untrained": untrained, **results, **headline, "model": stage3, "models": models}
 
 
 def compare(run_dir: Path, seeds: Sequence[int], *, scenes: int = 200) -> list[dict]:

@@ -20,9 +20,6 @@ REPO = Path(__file__).resolve().parents[2]
 TRITON_SOURCES = sorted((REPO / "elva_kernels" / "triton").glob("*.py"))
 CUDA_SOURCES = sorted((REPO / "csrc" / "cuda").glob("*.cu"))
 
-pytestmark = pytest.mark.xdist_group("static_report")  # one worker compiles everything, once
-
-
 def triton_kernels(path: Path) -> list[str]:
     return re.findall(r"@triton\.jit\s+def (\w+_kernel)\(", path.read_text())
 

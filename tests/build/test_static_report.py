@@ -110,6 +110,36 @@ AOT_CASES = [
 ]
 '''
 
+AUTOTUNED_TRITON = '''
+import torch
+import triton
+import triton.language as tl
+
+from elva_kernels.triton import aot
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": 64}, num_warps=2), triton.Config({"BLOCK": 128}, num_warps=4)],
+                 key=["n"])
+@triton.jit
+def scale_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offsets, tl.load(x_ptr + offsets, mask=offsets < n) * 2.0, mask=offsets < n)
+
+
+AOT_CASES = [aot.Case(scale_kernel, "fp32", dict(x_ptr=aot.meta(4096), out_ptr=aot.meta(4096), n=4096),
+                      aot.Expect())]
+'''
+
+
+def test_every_autotune_config_is_compiled_with_the_jit_specialisation(tmp_path):
+    module = tmp_path / "autotuned_kernels.py"
+    module.write_text(textwrap.dedent(AUTOTUNED_TRITON))
+    code, rows, output = report(["--sources", "triton", "--triton-module", str(module), "--no-write"], tmp_path)
+    assert code == 0, output
+    assert [(row["kernel"], row["options"]["num_warps"]) for row in rows] == [("scale_kernel", 2), ("scale_kernel", 4)]
+    assert "BLOCK=64" in rows[0]["variant"] and "BLOCK=128" in rows[1]["variant"]
+
+
 BROKEN_CUDA = '''
 // sm90-expect: max_spill_bytes=0
 __global__ void broken_kernel(float* out) { out[threadIdx.x] = undeclared_name; }

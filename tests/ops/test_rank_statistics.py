@@ -1,19 +1,114 @@
-"""rank_statistics: reference against a materialised count, ranx's MRR/hit rate, and similarity_topk."""
+"""rank_statistics on every backend the registry lists, on every device it runs on.
+
+The torch reference against a materialised count and against ranx's MRR and hit rate. Every backend (and the
+reference on CUDA) against the reference on CPU tensors, over ragged random cases with ties, duplicates of the
+positive, several positives, positives listed in ``exclude``, both metrics and every dtype; Recall@k and rank
+against the same backend's similarity_topk (on a GPU also with B * N above 2**31); duplicates and all-equal scores
+ranked by id; one-dimensional positives with no negative left; trained-like data; non-finite inputs and bad
+arguments raising; strided inputs; opcheck and torch.compile. Case sizes follow where a backend runs: the Triton
+interpreter gets small ones, a GPU its large ones.
+"""
 import pytest
 import torch
 
 from elva_kernels import rank_statistics, similarity_topk
-from tests.helpers import random_rows, ragged_size
+from tests.helpers import assert_close_verbose, backend_matrix, dtypes_of, ragged_size, random_rows, require_backend
 from tests.ops import naive
+
+OP = "rank_statistics"
+METRICS = ["cosine", "dot"]
+
+
+def runs_as(backend, device):
+    """What sizes a (backend, device) pair can afford: "gpu", "interpreter" (Triton on CPU tensors, a few hundred
+    times slower than compiled kernels; its cost grows with programs x loop steps) or "cpu"."""
+    if device == "cuda":
+        return "gpu"
+    return "interpreter" if backend == "triton" else "cpu"
+
+
+def on_device(case, device):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+
+
+def on_cpu(stats):
+    return type(stats)(*(x.cpu() for x in stats))
+
+
+def id_tensor(rows, device):
+    return torch.tensor(rows, dtype=torch.int64, device=device)
 
 
 def random_positives(gen, rows, pool, *, width):
     positives = torch.randint(0, pool, (rows, width), generator=gen)
-    positives[:, 1:][torch.rand(rows, width - 1, generator=gen) < 0.4] = -1  # ragged lists; column 0 always real
+    positives[:, 1:][torch.rand(rows, width - 1, generator=gen) < 0.4] = -1  # ragged; column 0 always real
     return positives
 
 
+def make_case(gen, dtype, metric="cosine", *, big=False, limits=None):
+    """CPU inputs of one random case. ``limits``: the largest (B, N, d) to draw; ``big`` is (70, 3000, 200), the
+    default (19, 300, 48)."""
+    max_rows, max_pool, max_dim = limits or ((70, 3000, 200) if big else (19, 300, 48))
+    rows = ragged_size(gen, 1, max_rows)
+    pool = ragged_size(gen, 1, max_pool)
+    dim = ragged_size(gen, 1, max_dim)
+    candidates = random_rows(gen, pool, dim, ties=True)
+    positives = random_positives(gen, rows, pool, width=ragged_size(gen, 1, 4))
+    if pool > 2:  # exact duplicates of some positives, at other ids
+        dup = torch.randint(0, pool, (rows,), generator=gen)
+        candidates[dup] = candidates[positives[:, 0]]
+    case = {
+        "queries": random_rows(gen, rows, dim, ties=False).to(dtype),
+        "candidates": candidates.to(dtype),
+        "positives": positives,
+        "metric": metric,
+        "exclude": None,
+    }
+    if int(torch.randint(0, 2, (1,), generator=gen)):
+        exclude = torch.randint(-1, pool, (rows, ragged_size(gen, 1, 6)), generator=gen)
+        exclude[:, 0] = positives[:, 0]  # a listed positive stays a positive
+        case["exclude"] = exclude
+    return case
+
+
+def run(case, backend):
+    return rank_statistics(
+        case["queries"], case["candidates"], case["positives"], metric=case["metric"], exclude=case["exclude"],
+        backend=backend,
+    )
+
+
+def compare(actual, expected, case, dtype):
+    """pos/max-neg scores within the fp32 error bound; ranks equal except for the reference's near-ties with the
+    positive."""
+    assert actual.rank.dtype == torch.int64 and actual.pos_score.dtype == torch.float32
+    device = actual.rank.device
+    tol = naive.score_tolerance(case["queries"], case["candidates"], case["metric"]).to(device)
+    assert_close_verbose(actual.pos_score, expected.pos_score, atol=float(tol.max()), rtol=0, what="pos_score")
+    finite = torch.isfinite(expected.max_neg_score)
+    assert torch.equal(torch.isfinite(actual.max_neg_score), finite)
+    assert_close_verbose(
+        torch.where(finite, actual.max_neg_score, 0.0), torch.where(finite, expected.max_neg_score, 0.0),
+        atol=float(tol.max()), rtol=0, what="max_neg_score",
+    )
+    # Negatives whose score is within 2 tol of the best positive's may fall on either side.
+    s = naive.scores(case["queries"], case["candidates"], case["metric"]).float().to(device)
+    negative = torch.ones_like(s, dtype=torch.bool)
+    for ids in (case["positives"], case["exclude"]):
+        if ids is not None:
+            rows = torch.arange(s.shape[0], device=device)[:, None].expand_as(ids)
+            negative[rows[ids >= 0], ids[ids >= 0]] = False
+    near = ((s - expected.pos_score[:, None]).abs() < 2 * tol) & negative
+    slack = near.sum(1)
+    diff = (actual.rank - expected.rank).abs()
+    assert bool((diff <= slack).all()), (
+        f"ranks differ beyond near-ties: {actual.rank[diff > slack].tolist()} vs {expected.rank[diff > slack].tolist()}"
+    )
+    assert torch.equal(actual.rank[slack == 0], expected.rank[slack == 0])
+
+
 def materialised_rank(queries, candidates, positives, metric="cosine", exclude=None):
+    """(rank, pos_score, max_neg_score) counted over the full score matrix, one candidate at a time."""
     s = naive.scores(queries, candidates, metric)
     ranks, pos_scores, max_negs = [], [], []
     for row in range(s.shape[0]):
@@ -28,7 +123,7 @@ def materialised_rank(queries, candidates, positives, metric="cosine", exclude=N
     return torch.tensor(ranks), torch.tensor(pos_scores), torch.tensor(max_negs)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", dtypes_of(OP, "torch"), ids=lambda dtype: str(dtype).removeprefix("torch."))
 def test_reference_matches_materialised_count(dtype):
     gen = torch.Generator().manual_seed(4)
     for case in range(30):
@@ -48,11 +143,12 @@ def test_reference_matches_materialised_count(dtype):
 
 
 def test_matches_ranx_mrr_and_hit_rate():
+    # ranx compiles its numba kernels on first use (seconds, whatever the size): a small pool proves as much.
     from ranx import Qrels, Run, evaluate
 
     gen = torch.Generator().manual_seed(5)
-    queries, candidates = torch.randn(40, 16, generator=gen), torch.randn(200, 16, generator=gen)
-    positives = random_positives(gen, 40, 200, width=3)
+    queries, candidates = torch.randn(16, 8, generator=gen), torch.randn(40, 8, generator=gen)
+    positives = random_positives(gen, 16, 40, width=3)
     stats = rank_statistics(queries, candidates, positives, ks=(1, 5, 10), backend="torch")
     s = naive.scores(queries, candidates)
     qrels = Qrels({f"q{i}": {f"d{p}": 1 for p in row if p >= 0} for i, row in enumerate(positives.tolist())})
@@ -63,40 +159,257 @@ def test_matches_ranx_mrr_and_hit_rate():
         assert stats.hits[:, column].float().mean().item() == pytest.approx(expected[f"hit_rate@{k}"], abs=1e-9)
 
 
-def test_recall_agrees_with_similarity_topk_under_ties():
-    gen = torch.Generator().manual_seed(6)
-    for _ in range(20):
-        rows, pool = ragged_size(gen, 1, 10), ragged_size(gen, 2, 80)
-        queries = random_rows(gen, rows, 8, ties=False)
-        candidates = random_rows(gen, pool, 8, ties=True)
-        positives = random_positives(gen, rows, pool, width=3)
-        ks = (1, 2, 5, pool)
-        stats = rank_statistics(queries, candidates, positives, ks=ks, backend="torch")
-        _, top = similarity_topk(queries, candidates, pool, backend="torch")
-        for column, k in enumerate(ks):
-            # Recall@k from the top-k list: a positive among the first k after dropping the other positives' slots.
-            hit = []
-            for row in range(rows):
-                pos = {p for p in positives[row].tolist() if p >= 0}
-                order = top[row].tolist()
-                first = min(order.index(p) for p in pos)
-                negatives_ahead = sum(1 for c in order[:first] if c not in pos)
-                hit.append(negatives_ahead + 1 <= k)
-            assert stats.hits[:, column].tolist() == hit
+# (make_case keywords, cases per dtype, seed): the default sizes, then larger ones. The interpreter's larger set has
+# B up to 70 (two query blocks of 64), N up to 700 (several 128-row splits) and d up to 96 (two 64-wide steps); the
+# CPU's spans several of its 264-candidate blocks.
+REFERENCE_CASE_SETS = {
+    "cpu": [({}, 25, 0), ({"big": True}, 5, 3)],
+    "interpreter": [({}, 6, 0), ({"limits": (70, 700, 96)}, 5, 37)],
+    "gpu": [({}, 12, 0), ({"big": True}, 6, 0)],
+}
 
 
-def test_one_dimensional_positives_and_no_negatives():
-    q, c = torch.randn(2, 4), torch.randn(3, 4)
-    stats = rank_statistics(q, c, torch.tensor([0, 2]), exclude=torch.tensor([[1, 2], [0, 1]]), backend="torch")
+# The torch reference on CPU is what the others are compared with; on CUDA it must give the CPU's result too.
+@pytest.mark.parametrize(
+    "backend,device", [p for p in backend_matrix(OP, reference=True) if p.values != ("torch", "cpu")]
+)
+@pytest.mark.parametrize("metric", METRICS)
+def test_matches_reference(backend, device, metric):
+    for make_args, cases, seed in REFERENCE_CASE_SETS[runs_as(backend, device)]:
+        for dtype in dtypes_of(OP, backend):
+            require_backend(OP, backend, device, dtype)
+            gen = torch.Generator().manual_seed(seed)
+            for _ in range(cases):
+                case = make_case(gen, dtype, metric, **make_args)
+                compare(on_cpu(run(on_device(case, device), backend)), run(case, "torch"), case, dtype)
+
+
+def assert_ranks_match_topk(stats, top, positives, ks):
+    """rank = 1 + the non-positives ahead of the first positive in the top list, and hits = rank <= k."""
+    for row, order in enumerate(top.tolist()):
+        pos = {p for p in positives[row].tolist() if p >= 0}
+        first = min(order.index(p) for p in pos)
+        rank = sum(1 for c in order[:first] if c not in pos) + 1
+        assert stats.rank[row].item() == rank
+        assert stats.hits[row].tolist() == [rank <= k for k in ks]
+
+
+# (cases per metric, largest (B, N, d)). similarity_topk with k = N makes the interpreter pay for every 128-long list
+# merge, so it draws fewer, smaller pools (still up to four splits).
+RECALL_CASES = {"cpu": (12, (40, 1500, 64)), "interpreter": (4, (40, 400, 16)), "gpu": (12, (40, 1500, 64))}
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
+def test_recall_equals_similarity_topk(backend, device):
+    """Under ties and duplicates of the positive, Recall@k is top-k membership in the same backend's similarity_topk
+    (the dtypes take turns over the cases). On a GPU also with B * N above 2**31 bf16 scores."""
+    dtypes = dtypes_of(OP, backend)
+    for dtype in dtypes:
+        require_backend(OP, backend, device, dtype)
+        require_backend("similarity_topk", backend, device, dtype)
+    cases, (max_rows, max_pool, max_dim) = RECALL_CASES[runs_as(backend, device)]
+    gen = torch.Generator().manual_seed(8)
+    for metric in METRICS:
+        for case in range(cases):
+            rows, pool, dim = ragged_size(gen, 1, max_rows), ragged_size(gen, 2, max_pool), ragged_size(gen, 1, max_dim)
+            queries = random_rows(gen, rows, dim, ties=False)
+            candidates = random_rows(gen, pool, dim, ties=True)
+            positives = random_positives(gen, rows, pool, width=3)
+            candidates[torch.randint(0, pool, (rows,), generator=gen)] = candidates[positives[:, 0]]
+            dtype = dtypes[case % len(dtypes)]
+            queries, candidates = queries.to(dtype).to(device), candidates.to(dtype).to(device)
+            ks = (1, 2, 5, 10, pool)
+            stats = rank_statistics(queries, candidates, positives.to(device), metric=metric, ks=ks, backend=backend)
+            _, top = similarity_topk(queries, candidates, pool, metric=metric, backend=backend)
+            assert_ranks_match_topk(on_cpu(stats), top.cpu(), positives, ks)
+    if device == "cuda":
+        # ids and offsets stay 64-bit: the first and the 100th of similarity_topk rank 1 and 100.
+        gen = torch.Generator("cuda").manual_seed(3)
+        q = torch.randn(1536, 64, device="cuda", generator=gen).bfloat16()
+        c = torch.randn(1_500_000, 64, device="cuda", generator=gen).bfloat16()
+        c[-1] = q[5] * 2  # the best match of query 5 is the last candidate
+        _, top = similarity_topk(q, c, 100, metric="dot", backend=backend)
+        assert top[5, 0].item() == c.shape[0] - 1
+        for place in (0, 99):
+            stats = rank_statistics(q, c, top[:, place], metric="dot", backend=backend)
+            assert bool((stats.rank == place + 1).all())
+
+
+# (queries, distinct rows, d) of a pool holding each row twice and a third of them three times.
+COPIES = {"cpu": (70, 600, 48), "interpreter": (70, 300, 16), "gpu": (300, 3000, 128)}
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP))
+def test_duplicates_of_the_positive(backend, device):
+    """Exact copies score bitwise-equal, so among them the smaller id comes first."""
+    op = require_backend(OP, backend, device).handle
+    base = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
+    num_queries, distinct, dim = COPIES[runs_as(backend, device)]
+    gen = torch.Generator().manual_seed(5)
+    pool = random_rows(gen, distinct, dim, ties=False)
+    pool_queries = random_rows(gen, num_queries, dim, ties=False)
+
+    def ids(rows):
+        return id_tensor(rows, device)
+
+    for dtype in dtypes_of(OP, backend):
+        require_backend(OP, backend, device, dtype)
+        candidates = torch.cat([base, base, base]).to(dtype).to(device)  # ids i, i + 6, i + 12 hold the same vector
+        q = base[:3].to(dtype).to(device)
+        rank_first, pos_first, _ = op(q, candidates, ids([[0], [1], [2]]), "cosine", None)
+        rank_mid, pos_mid, neg_mid = op(q, candidates, ids([[6], [7], [8]]), "cosine", None)
+        rank_last, _, _ = op(q, candidates, ids([[12], [13], [14]]), "cosine", None)
+        assert torch.equal(pos_first, pos_mid)
+        assert torch.equal(neg_mid, pos_mid)  # the duplicates tie bitwise
+        assert torch.equal(rank_mid, rank_first + 1) and torch.equal(rank_last, rank_first + 2)
+        assert rank_first.tolist() == [1, 1, 1]
+        # Several positives: the best is the smallest id among equals; excluding the duplicates removes them.
+        rank, _, _ = op(q, candidates, ids([[12, 6, -1], [7, 13, 1], [14, -1, -1]]), "dot", None)
+        assert rank.tolist() == [2, 1, 3]
+        rank, _, _ = op(q, candidates, ids([[12], [13], [14]]), "cosine", ids([[0, 6], [1, -1], [8, 2]]))
+        assert rank.tolist() == [1, 2, 1]
+        # Over several candidate blocks (or splits) and two query blocks: the middle copy ranks right after the first.
+        copies = torch.cat([pool, pool, pool[: distinct // 3]]).to(dtype).to(device)
+        queries = pool_queries.to(dtype).to(device)
+        first = rank_statistics(queries, copies, torch.arange(num_queries, device=device), backend=backend)
+        middle = rank_statistics(queries, copies, torch.arange(num_queries, device=device) + distinct, backend=backend)
+        assert torch.equal(middle.rank, first.rank + 1)
+        assert torch.equal(middle.pos_score, first.pos_score)
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP))
+def test_all_equal_scores(backend, device):
+    op = require_backend(OP, backend, device).handle
+    positives = torch.tensor([[0], [999], [1999]], device=device)
+    rank, pos, neg = op(torch.ones(3, 4, device=device), torch.ones(2000, 4, device=device), positives, "cosine", None)
+    assert rank.tolist() == [1, 1000, 2000]
+    assert torch.equal(pos, neg)
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
+def test_one_dimensional_positives_and_no_negatives(backend, device):
+    """[B] positives; every other candidate excluded (row 0 lists its positive too, which stays a positive)."""
+    require_backend(OP, backend, device)
+    q, c = torch.randn(2, 4, device=device), torch.randn(3, 4, device=device)
+    exclude = torch.tensor([[1, 2, 0], [0, 1, -1]], device=device)
+    stats = rank_statistics(q, c, torch.tensor([0, 2], device=device), exclude=exclude, backend=backend)
     assert stats.rank.tolist() == [1, 1]
     assert torch.isinf(stats.max_neg_score).all() and torch.isinf(stats.margin).all()
 
 
-def test_opcheck_and_compile():
-    q, c = torch.randn(4, 8), torch.randn(30, 8)
-    positives = torch.tensor([[1, -1], [2, 3], [0, 0], [29, -1]])
-    op = torch.ops.elva.rank_statistics_torch.default
-    torch.library.opcheck(op, (q, c, positives, "cosine", None))
-    torch.library.opcheck(op, (q, c, positives, "dot", torch.tensor([[5, -1]] * 4)))
-    compiled = torch.compile(lambda q, c: rank_statistics(q, c, positives).rank, fullgraph=True)
-    assert torch.equal(compiled(q, c), rank_statistics(q, c, positives).rank)
+# (queries, candidates, d): the CPU's size lets its bf16 screening (where it has one) serve many blocks.
+NEAR_THE_TOP = {"cpu": (45, 4000, 96), "interpreter": (45, 600, 32), "gpu": (45, 4000, 96)}
+# The positives are near the top: a top-16 list (similarity_topk's short list) holds as many as a top-50 one.
+NEAR_THE_TOP_K = 16
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP))
+@pytest.mark.parametrize("metric", METRICS)
+def test_positives_near_the_top(backend, device, metric):
+    """Trained-like data (each query close to its positive): few near-ties, so a CPU's bf16 screening serves the
+    whole pass; results must still match the reference and the same backend's similarity_topk."""
+    num_queries, num_candidates, dim = NEAR_THE_TOP[runs_as(backend, device)]
+    gen = torch.Generator().manual_seed(21)
+    for dtype in dtypes_of(OP, backend):
+        require_backend(OP, backend, device, dtype)
+        candidates = torch.randn(num_candidates, dim, generator=gen)
+        positives = torch.randint(0, num_candidates, (num_queries, 2), generator=gen)
+        queries = candidates[positives[:, 0]] + 0.3 * torch.randn(num_queries, dim, generator=gen)
+        candidates[positives[:5, 1]] = candidates[positives[:5, 0]]  # duplicates listed as positives too
+        case = {"queries": queries.to(dtype), "candidates": candidates.to(dtype), "positives": positives,
+                "metric": metric, "exclude": positives[:, :1].flip(0)}
+        stats = on_cpu(run(on_device(case, device), backend))
+        compare(stats, run(case, "torch"), case, dtype)
+        _, top = similarity_topk(case["queries"].to(device), case["candidates"].to(device), NEAR_THE_TOP_K,
+                                 metric=metric, backend=backend)
+        for row, order in enumerate(top.tolist()):
+            pos = {p for p in positives[row].tolist() if p >= 0}
+            if any(p in order for p in pos):
+                first = min(order.index(p) for p in pos if p in order)
+                excluded = {case["exclude"][row, 0].item()} - pos
+                assert stats.rank[row].item() == sum(1 for c in order[:first] if c not in pos | excluded) + 1
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_raises(backend, device, bad):
+    # The bad candidate sits past the first block of every backend (264 candidates on the CPU, 128-row splits).
+    op = require_backend(OP, backend, device).handle
+    q, c = torch.randn(4, 8, device=device), torch.randn(400, 8, device=device)
+    p = torch.tensor([[0], [1], [2], [3]], device=device)
+    q_bad, c_bad = q.clone(), c.clone()
+    q_bad[1, 3], c_bad[300, 2] = bad, bad
+    for dtype in dtypes_of(OP, backend):
+        require_backend(OP, backend, device, dtype)
+        with pytest.raises(ValueError, match="queries must contain only finite values"):
+            op(q_bad.to(dtype), c.to(dtype), p, "cosine", None)
+        with pytest.raises(ValueError, match="candidates must contain only finite values"):
+            op(q.to(dtype), c_bad.to(dtype), p, "dot", None)
+        with pytest.raises(ValueError, match="candidates must contain only finite values"):
+            op(q.to(dtype), c_bad.to(dtype), torch.full((4, 1), 300, device=device), "dot", None)  # it is the positive
+        with pytest.raises(ValueError, match="candidates must contain only finite values"):
+            rank_statistics(q.to(dtype), c_bad.to(dtype), p, backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP))
+def test_bad_arguments_raise(backend, device):
+    op = require_backend(OP, backend, device).handle
+    q, c = torch.randn(4, 8, device=device), torch.randn(30, 8, device=device)
+
+    def ids(rows):
+        return id_tensor(rows, device)
+
+    p = ids([[0], [1], [2], [3]])
+    with pytest.raises(ValueError, match="positives must list at least one candidate id per query; row 2 has none"):
+        op(q, c, ids([[0], [1], [-1], [3]]), "cosine", None)
+    with pytest.raises(ValueError, match="positives must list at least one"):
+        rank_statistics(q, c, ids([0, 1, -1, 3]), backend=backend)
+    with pytest.raises(ValueError, match="positives holds ids outside"):
+        op(q, c, ids([[0], [30], [2], [3]]), "cosine", None)
+    with pytest.raises(ValueError, match="positives"):
+        op(q, c, ids([[0], [-2], [2], [3]]), "cosine", None)
+    with pytest.raises(ValueError, match="exclude holds ids outside"):
+        op(q, c, p, "cosine", ids([[0, 30]] * 4))
+    with pytest.raises(ValueError, match="exclude"):
+        rank_statistics(q, c, p, exclude=ids([[0, 30]] * 4), backend=backend)
+    with pytest.raises(ValueError, match="metric"):
+        op(q, c, p, "l2", None)
+    with pytest.raises(ValueError, match="candidates"):
+        op(q, torch.randn(30, 9, device=device), p, "cosine", None)
+    with pytest.raises(TypeError, match="candidates"):
+        op(q, c.half(), p, "cosine", None)
+    with pytest.raises(TypeError, match="queries"):
+        op(q.double(), c.double(), p, "cosine", None)
+    with pytest.raises(TypeError, match="positives"):
+        op(q, c, p.int(), "cosine", None)
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP))
+def test_strided_inputs(backend, device):
+    op = require_backend(OP, backend, device).handle
+    q, c = torch.randn(6, 20, device=device), torch.randn(100, 40, device=device)
+    p = torch.randint(0, 100, (6, 2), device=device)
+    expected = op(q, c[:, ::2].contiguous(), p, "cosine", None)
+    actual = op(q, c[:, ::2], p, "cosine", None)
+    assert all(torch.equal(a, b) for a, b in zip(actual, expected))
+    expected = op(q[:, :10].contiguous(), c[:, :10].contiguous(), p, "dot", None)
+    actual = op(q[:, :10], c[:, :10], p, "dot", None)
+    assert all(torch.equal(a, b) for a, b in zip(actual, expected))
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
+def test_opcheck_and_compile(backend, device):
+    op = require_backend(OP, backend, device).handle
+    q, c = torch.randn(4, 8, device=device), torch.randn(30, 8, device=device)
+    positives = torch.tensor([[1, -1], [2, 3], [0, 0], [29, -1]], device=device)
+    exclude = torch.tensor([[5, -1]] * 4, device=device)
+    for dtype in dtypes_of(OP, backend):
+        require_backend(OP, backend, device, dtype)
+        torch.library.opcheck(op, (q.to(dtype), c.to(dtype), positives, "cosine", None))
+        torch.library.opcheck(op, (q.to(dtype), c.to(dtype), positives, "dot", exclude))
+    # The Python dispatch in front of the op, by name or auto, must not break the graph.
+    for choice in (backend, "auto"):
+        def ranks(q, c, choice=choice):
+            return rank_statistics(q, c, positives, backend=choice).rank
+
+        assert torch.equal(torch.compile(ranks, fullgraph=True)(q, c), ranks(q, c))

@@ -1,10 +1,13 @@
 """SPEC's common input rules: each class of bad input raises, names the argument, and writes nothing, on every
-backend that serves the op on CPU tensors (torch, the C++ ``cpu`` backend, Triton under the interpreter)."""
+backend the registry lists for the op: on CPU tensors for those that serve CPU (torch, the C++ ``cpu`` backend,
+Triton under the interpreter), on CUDA tensors for those that serve CUDA."""
+import re
+
 import pytest
 import torch
 
-from elva_kernels import _dispatch, l2_normalize, mine_hard_negatives, rank_statistics, similarity_topk
-from tests.helpers import backend_or_skip
+from elva_kernels import _dispatch, _library, l2_normalize, mine_hard_negatives, rank_statistics, similarity_topk
+from tests.helpers import backend_matrix, require_backend
 
 Q, C = torch.randn(4, 8), torch.randn(20, 8)
 POS = torch.tensor([0, 1, 2, 3])
@@ -12,25 +15,29 @@ NAN = torch.randn(20, 8).index_fill_(0, torch.tensor([5]), float("nan"))
 INF = torch.randn(4, 8).index_fill_(0, torch.tensor([1]), float("inf"))
 
 
-def topk(**kw):
-    args = {"queries": Q, "candidates": C, "k": 3, "backend": "torch"} | kw
-    return similarity_topk(args.pop("queries"), args.pop("candidates"), args.pop("k"), **args)
+def topk(queries, candidates, k, **kw):
+    return similarity_topk(queries, candidates, k, **kw)
 
 
-def stats(**kw):
-    args = {"queries": Q, "candidates": C, "positives": POS, "backend": "torch"} | kw
-    return rank_statistics(args.pop("queries"), args.pop("candidates"), args.pop("positives"), **args)
+def stats(queries, candidates, positives, **kw):
+    return rank_statistics(queries, candidates, positives, **kw)
 
 
-def mine(**kw):
-    args = {"query_emb": Q, "pool_emb": C, "positives": POS, "n_hard": 2, "n_random": 2, "backend": "torch"} | kw
-    return mine_hard_negatives(args.pop("query_emb"), args.pop("pool_emb"), args.pop("positives"), **args)
+def mine(query_emb, pool_emb, positives, **kw):
+    return mine_hard_negatives(query_emb, pool_emb, positives, **kw)
 
 
-def normalize(**kw):
-    args = {"x": C, "backend": "torch"} | kw
-    return l2_normalize(args.pop("x"), **args)
+def normalize(x, **kw):
+    return l2_normalize(x, **kw)
 
+
+# Each call's op and good arguments; a row of CASES replaces some of them.
+OPS = {
+    topk: ("similarity_topk", {"queries": Q, "candidates": C, "k": 3}),
+    stats: ("rank_statistics", {"queries": Q, "candidates": C, "positives": POS}),
+    mine: ("mine_hard_negatives", {"query_emb": Q, "pool_emb": C, "positives": POS, "n_hard": 2, "n_random": 2}),
+    normalize: ("l2_normalize", {"x": C}),
+}
 
 CASES = [
     # (call, bad arguments, error type, words the message must contain)
@@ -79,38 +86,65 @@ CASES = [
 ]
 
 
-OPS = {topk: "similarity_topk", stats: "rank_statistics", mine: "mine_hard_negatives", normalize: "l2_normalize"}
-CPU_BACKENDS = ("torch", "cpu", "triton")
-
-
 def backend_cases():
-    """Each row on each backend its op registers; a row that sets ``backend`` itself runs once."""
+    """Each row on each (backend, device) of its op's matrix; a row that sets ``backend`` itself runs once."""
     for i, (call, bad, error, words) in enumerate(CASES):
-        registered = [b.name for b in _dispatch.backends(OPS[call])]
-        for backend in ("torch",) if "backend" in bad else [b for b in CPU_BACKENDS if b in registered]:
-            yield pytest.param(backend, call, bad, error, words, id=f"{backend}-{call.__name__}-{'-'.join(bad)}-{i}")
+        op = OPS[call][0]
+        once = [pytest.param("torch", "cpu", id="torch-cpu")]
+        for pair in once if "backend" in bad else backend_matrix(op, reference=True):
+            yield pytest.param(*pair.values, call, bad, error, words, marks=pair.marks,
+                               id=f"{pair.id}-{call.__name__}-{'-'.join(bad)}-{i}")
 
 
-@pytest.mark.parametrize("backend, call, bad, error, words", list(backend_cases()))
-def test_bad_input_is_refused_by_name(backend, call, bad, error, words):
-    # A backend that cannot run the op on CPU fp32 here at all (e.g. Triton without TRITON_INTERPRET) is skipped
-    # with the dispatcher's reasons.
-    backend_or_skip(OPS[call], backend, "cpu", torch.float32)
-    before = {k: v.clone() for k, v in bad.items() if isinstance(v, torch.Tensor) and v.device.type != "meta"}
+def on(device, value):
+    """``value`` moved to ``device``; meta tensors stay where they are (they are the bad device)."""
+    return value.to(device) if isinstance(value, torch.Tensor) and value.device.type != "meta" else value
+
+
+@pytest.mark.parametrize("backend, device, call, bad, error, words", list(backend_cases()))
+def test_bad_input_is_refused_by_name(backend, device, call, bad, error, words):
+    op, good = OPS[call]
+    require_backend(op, backend, device)
+    args = {name: on(device, value) for name, value in (good | bad).items()}
+    before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor) and v.device.type != "meta"}
     with pytest.raises(error) as raised:
-        call(**({"backend": backend} | bad))
+        call(**({"backend": backend} | args))
     assert words in str(raised.value), str(raised.value)
     for name, original in before.items():
-        assert torch.equal(bad[name].nan_to_num(), original.nan_to_num()), f"{name} was modified"
+        assert torch.equal(args[name].nan_to_num(), original.nan_to_num()), f"{name} was modified"
 
 
-def test_refused_backend_lists_inputs_and_reasons():
+def no_cpu_backends():
+    for call, (op, _) in OPS.items():
+        for backend in _dispatch.backends(op):
+            if "cpu" not in backend.devices:
+                yield pytest.param(call, backend.name, id=f"{backend.name}-{call.__name__}")
+
+
+@pytest.mark.parametrize("call, backend", list(no_cpu_backends()))
+def test_refused_backend_lists_inputs_and_reasons(call, backend):
+    """A registered backend asked to run on CPU tensors it does not serve names the op, the inputs and why."""
+    op, good = OPS[call]
     with pytest.raises(ValueError) as raised:
-        similarity_topk(Q, C, 3, backend="cuda")
+        call(**good, backend=backend)
     text = str(raised.value)
-    assert "backend 'cuda'" in text or "has no 'cuda' backend" in text
-    with pytest.raises(ValueError) as raised:
-        l2_normalize(C, backend="cuda")
-    assert "backend 'cuda' cannot run l2_normalize" in str(raised.value)
-    assert "x " in str(raised.value) and "(20, 8)" in str(raised.value)
-    assert "device type 'cpu' not supported" in str(raised.value)
+    assert f"backend {backend!r} cannot run {op} with inputs" in text, text
+    c_name = next(name for name, value in good.items() if value is C)
+    assert re.search(rf"\b{c_name}\s+\(20, 8\)", text), text
+    assert "device type 'cpu' not supported" in text, text
+
+
+def unregistered_backends():
+    for call, (op, _) in OPS.items():
+        registered = {b.name for b in _dispatch.backends(op)}
+        for backend in _library.BACKENDS:
+            if backend not in registered:
+                yield pytest.param(call, backend, id=f"{backend}-{call.__name__}")
+
+
+@pytest.mark.parametrize("call, backend", list(unregistered_backends()))
+def test_unregistered_backend_is_refused_by_name(call, backend):
+    """A backend name the op does not register (mine_hard_negatives has no C++ ``cpu`` one) is refused by name."""
+    op, good = OPS[call]
+    with pytest.raises(ValueError, match=f"{op} has no {backend!r} backend"):
+        call(**good, backend=backend)

@@ -1,6 +1,6 @@
 """Reference: exact top-k of query-candidate similarity, one candidate tile at a time.
 
-Extra memory: one score tile (about 2**22 scores) plus the running [B, k] top-k;
+Extra memory: one score tile (``_common.TILE_ELEMENTS`` = 2**20 scores) plus the running [B, k] top-k;
 never a [B, N] buffer.
 """
 from __future__ import annotations

@@ -1,75 +1,155 @@
-"""similarity_topk: reference against a materialised top-k and faiss-cpu; ties, exclusions, filters, autograd."""
-import numpy as np
+"""similarity_topk on every backend the registry lists, on every device it runs on.
+
+The torch reference against a materialised top-k (float64 scores) with ties, exclusions and max_score, over several
+score tiles. Every backend (and the reference on CUDA) against the reference on CPU tensors, over ragged random cases
+with ties, exclusions and max_score, both metrics and every dtype, and against faiss-cpu's exact search; large k (up to
+4096, and k = N) with and without filters that leave fewer than k eligible (-1 / -inf tails); exact duplicates and
+all-equal scores ordered by id; non-finite inputs and bad arguments raising; strided inputs; gradients through the
+selected pairs; opcheck and torch.compile. The C++ backend's kernel variants (ISA, bf16 screening) agree bitwise. On a
+GPU also B * N above 2**31. Case sizes follow where a backend runs: the Triton interpreter gets small ones, a GPU its
+large ones.
+"""
 import pytest
 import torch
 
 from elva_kernels import similarity_topk
-from tests.helpers import assert_close_verbose, random_rows, ragged_size
+from tests.helpers import assert_close_verbose, backend_matrix, dtypes_of, ragged_size, random_rows, require_backend
 from tests.ops import naive
 
+OP = "similarity_topk"
+METRICS = ["cosine", "dot"]
 
-def random_case(gen, dtype, *, ties=True):
+
+def runs_as(backend, device):
+    """What sizes a (backend, device) pair can afford: "gpu", "interpreter" (Triton on CPU tensors, a few hundred
+    times slower than compiled kernels; its cost grows with programs x loop steps) or "cpu"."""
+    if device == "cuda":
+        return "gpu"
+    return "interpreter" if backend == "triton" else "cpu"
+
+
+def on_device(case, device):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+
+
+def on_cpu(result):
+    return tuple(x.cpu() for x in result)
+
+
+def make_case(gen, dtype, metric="cosine", *, big=False, limits=None):
+    """CPU inputs of one random case. ``limits``: the largest (B, N, d) to draw; ``big`` is (40, 2500, 300), the
+    default (19, 300, 48)."""
+    max_rows, max_pool, max_dim = limits or ((40, 2500, 300) if big else (19, 300, 48))
+    rows = ragged_size(gen, 1, max_rows)
+    pool = ragged_size(gen, 1, max_pool)
+    dim = ragged_size(gen, 1, max_dim)
+    case = {
+        "queries": random_rows(gen, rows, dim, ties=False).to(dtype),
+        "candidates": random_rows(gen, pool, dim, ties=True).to(dtype),
+        "k": ragged_size(gen, 1, pool),
+        "metric": metric,
+        "exclude": None,
+        "max_score": None,
+    }
+    if int(torch.randint(0, 2, (1,), generator=gen)):
+        case["exclude"] = torch.randint(-1, pool, (rows, ragged_size(gen, 1, 6)), generator=gen)
+    if int(torch.randint(0, 2, (1,), generator=gen)):
+        scale = 1.0 if metric == "cosine" else float(dim) ** 0.5
+        case["max_score"] = (torch.rand(rows, generator=gen) * 1.2 - 0.4) * scale
+    return case
+
+
+def run(case, backend):
+    return similarity_topk(
+        case["queries"], case["candidates"], case["k"], metric=case["metric"], exclude=case["exclude"],
+        max_score=case["max_score"], backend=backend,
+    )
+
+
+def candidates_within(s, centres, radius):
+    """[B, k]: how many of a row's scores ``s`` [B, N] lie strictly within ``radius`` [B, 1] of each centre; by
+    binary search in the sorted row, so k near 4096 with N near 5000 needs no [B, k, N] temporary."""
+    ordered = s.sort(dim=1).values
+    low = torch.searchsorted(ordered, (centres - radius).contiguous(), right=True)
+    high = torch.searchsorted(ordered, (centres + radius).contiguous(), right=False)
+    return high - low
+
+
+def compare(actual, expected, case, dtype):
+    """Values within the fp32 error bound; indices exact except inside near-ties of the reference (then as value
+    multisets)."""
+    values, indices = actual
+    ref_values, ref_indices = expected
+    assert values.dtype == torch.float32 and indices.dtype == torch.int64
+    padded = ref_indices == -1
+    assert torch.equal(indices == -1, padded), "the -1 tails differ"
+    assert torch.equal(values[padded], ref_values[padded])
+    real = ~padded
+    # Scores within the fp32 accumulation error bound of the float64 reference.
+    finite = torch.where(real, ref_values, 0.0)
+    tol = 1e-5 * finite.abs().amax(1, keepdim=True).clamp_min(1.0)  # relative 1e-5 when the inputs are unknown
+    if "queries" in case:
+        bound = naive.score_tolerance(case["queries"], case["candidates"], case["metric"]).to(values.device)
+        tol = torch.maximum(tol, bound)
+    bad = real & ((values - ref_values).abs() > tol)
+    assert not bool(bad.any()), f"values: {int(bad.sum())} beyond tolerance; first {bad.nonzero()[:3].tolist()}"
+    # A slot is a near-tie when another candidate scores within 2 tol of it: there the backends' roundings may
+    # order candidates differently, including across the k-th place.
+    near = torch.zeros_like(real)
+    if "queries" in case:
+        s = naive.scores(case["queries"], case["candidates"], case["metric"]).float().to(values.device)
+        near = real & (candidates_within(s, ref_values, 2 * tol) > 1)
+    else:
+        gaps = ref_values.diff(dim=1).abs() < 2 * tol
+        near[:, 1:] |= gaps
+        near[:, :-1] |= gaps
+    exact = real & ~near
+    assert torch.equal(indices[exact], ref_indices[exact]), "indices differ outside near-ties"
+    # Inside near-ties the candidates may come in another order, but their scores are the same multiset, and
+    # within this backend equal scores come out by index.
+    for row in range(values.shape[0]):
+        ours = values[row][real[row]].sort().values
+        theirs = ref_values[row][real[row]].sort().values
+        assert_close_verbose(ours, theirs, atol=float(tol[row]), rtol=0, what=f"row {row} value multiset")
+        v, i = values[row][real[row]], indices[row][real[row]]
+        same = v[1:] == v[:-1]
+        assert bool((i[1:][same] > i[:-1][same]).all()), "equal scores not by index"
+        assert bool((v[1:] <= v[:-1]).all()), "values not descending"
+
+
+def unfiltered_case(gen, dtype, *, ties=True):
+    """(queries, candidates, k) of the default sizes, with no exclusions or max_score."""
     rows, pool, dim = ragged_size(gen, 1, 19), ragged_size(gen, 1, 300), ragged_size(gen, 1, 48)
     queries = random_rows(gen, rows, dim, ties=False).to(dtype)
     candidates = random_rows(gen, pool, dim, ties=ties).to(dtype)
     return queries, candidates, ragged_size(gen, 1, pool)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("metric", ["cosine", "dot"])
+# ---- the torch reference against materialised scores ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", dtypes_of(OP, "torch"), ids=lambda dtype: str(dtype).removeprefix("torch."))
+@pytest.mark.parametrize("metric", METRICS)
 def test_reference_matches_materialised_topk(dtype, metric):
     gen = torch.Generator().manual_seed(1)
     for _ in range(40):
-        queries, candidates, k = random_case(gen, dtype)
+        queries, candidates, k = unfiltered_case(gen, dtype)
         values, indices = similarity_topk(queries, candidates, k, metric=metric, backend="torch")
         expected_values, expected_indices = naive.topk(queries, candidates, k, metric)
         assert torch.equal(indices, expected_indices)
         assert torch.equal(values, expected_values)
 
 
-def test_reference_matches_faiss_exact_search():
-    faiss = pytest.importorskip("faiss")  # a dev extra; the GPU machine has none
-    gen = torch.Generator().manual_seed(2)
-    for _ in range(20):
-        queries, candidates, k = random_case(gen, torch.float32, ties=False)
-        k = min(k, 2048)
-        values, indices = similarity_topk(queries, candidates, k, backend="torch")
-        index = faiss.IndexFlatIP(candidates.shape[1])
-        index.add(torch.nn.functional.normalize(candidates, dim=1).numpy())
-        faiss_values, faiss_indices = index.search(torch.nn.functional.normalize(queries, dim=1).numpy(), k)
-        assert_close_verbose(values, torch.from_numpy(faiss_values), atol=1e-5, rtol=1e-5, what="faiss values")
-        # Index sets agree wherever faiss' order is not a near-tie.
-        gaps = np.diff(faiss_values, axis=1, prepend=np.inf, append=-np.inf)
-        separated = (np.abs(gaps[:, :-1]) > 1e-5) & (np.abs(gaps[:, 1:]) > 1e-5)
-        assert np.array_equal(indices.numpy()[separated], faiss_indices[separated])
-
-
-def test_exact_duplicates_come_out_by_index():
-    base = torch.randn(5, 16)
-    candidates = torch.cat([base, base, base])  # every vector three times: ids i, i+5, i+10
-    values, indices = similarity_topk(base[:2], candidates, 15, backend="torch")
-    for row in range(2):
-        for i in range(0, 15, 3):
-            group = indices[row, i : i + 3]
-            assert torch.equal(values[row, i : i + 3], values[row, i].expand(3))
-            assert group.tolist() == sorted(group.tolist())
-        assert indices[row, :3].tolist() == [row, row + 5, row + 10]
-
-
-def test_all_equal_scores_give_ascending_indices():
-    candidates = torch.ones(50, 4)
-    values, indices = similarity_topk(torch.ones(3, 4), candidates, 50, backend="torch")
-    assert torch.equal(indices, torch.arange(50).expand(3, -1))
-
-
-def test_exclude_max_score_and_too_few_eligible():
+def test_reference_exclusions_and_max_score_match_materialised():
+    """k = N under exclusions and max_score: fewer than k eligible, so -1 / -inf fill the tail, and only the tail."""
     gen = torch.Generator().manual_seed(3)
     for _ in range(30):
-        queries, candidates, _ = random_case(gen, torch.float32)
+        queries, candidates, _ = unfiltered_case(gen, torch.float32)
         rows, pool = queries.shape[0], candidates.shape[0]
         exclude = torch.randint(-1, pool, (rows, ragged_size(gen, 1, 6)), generator=gen)
         max_score = torch.rand(rows, generator=gen) * 1.2 - 0.4
-        values, indices = similarity_topk(queries, candidates, pool, exclude=exclude, max_score=max_score, backend="torch")
+        values, indices = similarity_topk(queries, candidates, pool, exclude=exclude, max_score=max_score,
+                                          backend="torch")
         expected_values, expected_indices = naive.topk(queries, candidates, pool, exclude=exclude, max_score=max_score)
         assert torch.equal(indices, expected_indices)
         assert torch.equal(values, expected_values)
@@ -78,57 +158,455 @@ def test_exclude_max_score_and_too_few_eligible():
         assert (padded.int().diff(dim=1) >= 0).all(), "-1 only in the tail"
 
 
-def test_float_max_score_equals_tensor():
-    q, c = torch.randn(4, 8), torch.randn(60, 8)
-    a = similarity_topk(q, c, 10, max_score=0.3, backend="torch")
-    b = similarity_topk(q, c, 10, max_score=torch.full((4,), 0.3), backend="torch")
-    assert torch.equal(a[1], b[1])
-
-
-def test_k_equals_n_and_tiles_larger_than_one():
+def test_reference_over_several_score_tiles():
     from elva_kernels.reference import _common
 
     q, c = torch.randn(3, 4), torch.randn(_common.TILE_ELEMENTS // 3 * 2 + 17, 4)  # several candidate tiles
     values, indices = similarity_topk(q, c, 5, backend="torch")
     expected_values, expected_indices = naive.topk(q, c, 5)
-    assert torch.equal(indices, expected_indices)
+    assert torch.equal(indices, expected_indices) and torch.equal(values, expected_values)
     values, indices = similarity_topk(q[:1], c[:300], 300, backend="torch")
     assert sorted(indices[0].tolist()) == list(range(300))
 
 
-@pytest.mark.parametrize("metric", ["cosine", "dot"])
-def test_gradient_through_selected_pairs(metric):
-    queries = torch.randn(5, 12, requires_grad=True)
-    candidates = torch.randn(40, 12, requires_grad=True)
-    exclude = torch.tensor([[0, 1]] * 5)
-    grad_out = torch.randn(5, 40)
-    values, indices = similarity_topk(queries, candidates, 40, metric=metric, exclude=exclude, backend="torch")
-    eligible = indices >= 0
-    (values.masked_fill(~eligible, 0) * grad_out).sum().backward()
-    ours = queries.grad, candidates.grad
-    queries.grad = candidates.grad = None
-    q, c = queries, candidates
+# ---- every backend against the reference -----------------------------------------------------------------------
+
+
+# (make_case keywords, cases per dtype, seed): the default sizes, then larger ones. Each dtype draws its own shapes
+# (seed + its position). The interpreter's larger set has B up to 70 and d up to 96 (two query blocks of 64 and two
+# 64-wide steps are certain in test_exact_duplicates_come_out_by_index); the CPU's spans several of its blocks.
+REFERENCE_CASE_SETS = {
+    "cpu": [({}, 25, 0), ({"big": True}, 3, 5)],
+    "interpreter": [({}, 2, 0), ({"limits": (70, 300, 96)}, 1, 31)],
+    "gpu": [({}, 25, 0), ({"big": True}, 10, 0)],
+}
+
+
+# The torch reference on CPU is what the others are compared with; on CUDA it must give the CPU's result too.
+@pytest.mark.parametrize(
+    "backend,device", [p for p in backend_matrix(OP, reference=True) if p.values != ("torch", "cpu")]
+)
+@pytest.mark.parametrize("metric", METRICS)
+def test_matches_reference(backend, device, metric):
+    for make_args, cases, seed in REFERENCE_CASE_SETS[runs_as(backend, device)]:
+        for position, dtype in enumerate(dtypes_of(OP, backend)):
+            require_backend(OP, backend, device, dtype)
+            gen = torch.Generator().manual_seed(seed + position)
+            for _ in range(cases):
+                case = make_case(gen, dtype, metric, **make_args)
+                compare(on_cpu(run(on_device(case, device), backend)), run(case, "torch"), case, dtype)
+    if device == "cuda":
+        # A pool of 5003 (no 128-row multiple) at k = 100, d = 96.
+        gen = torch.Generator().manual_seed(7)
+        for dtype in dtypes_of(OP, backend):
+            case = {"queries": torch.randn(33, 96, generator=gen).to(dtype),
+                    "candidates": torch.randn(5003, 96, generator=gen).to(dtype),
+                    "k": 100, "metric": metric, "exclude": None, "max_score": None}
+            compare(on_cpu(run(on_device(case, device), backend)), run(case, "torch"), case, dtype)
+
+
+def faiss_search(queries, candidates, k, metric):
+    """faiss-cpu's exact inner-product search (IndexFlatIP), on unit rows for "cosine"."""
+    faiss = pytest.importorskip("faiss")  # a dev extra; the GPU machine has none
+    q, c = queries.float(), candidates.float()
     if metric == "cosine":
         q, c = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(c, dim=1)
-    s = q @ c.T
-    picked = s.gather(1, indices.clamp_min(0))
-    (picked.masked_fill(~eligible, 0) * grad_out).sum().backward()
-    assert_close_verbose(ours[0], queries.grad, atol=1e-5, rtol=1e-4, what="grad queries")
-    assert_close_verbose(ours[1], candidates.grad, atol=1e-5, rtol=1e-4, what="grad candidates")
+    index = faiss.IndexFlatIP(c.shape[1])
+    index.add(c.numpy())
+    values, indices = index.search(q.numpy(), k)
+    return torch.from_numpy(values), torch.from_numpy(indices)
 
 
-def test_opcheck():
-    q = torch.randn(4, 8, requires_grad=True)
-    c = torch.randn(30, 8, requires_grad=True)
-    op = torch.ops.elva.similarity_topk_torch.default
-    torch.library.opcheck(op, (q, c, 5, "cosine", None, None))
-    torch.library.opcheck(op, (q, c, 30, "dot", torch.tensor([[1, -1]] * 4), torch.full((4,), 0.2)))
-    torch.library.opcheck(op, (q.detach().half(), c.detach().half(), 3, "cosine", None, None))
+def compare_with_faiss(actual, queries, candidates, k, metric):
+    """Values within both sides' fp32 error of faiss'; indices equal wherever faiss' scores are apart by more than
+    those errors (faiss orders ties its own way). faiss is asked for k + 1, so a near-tie across the k-th place
+    counts as one. Every returned id must also carry its own score. Returns how many slots were compared by id."""
+    values, indices = actual
+    pool = candidates.shape[0]
+    faiss_values, faiss_indices = faiss_search(queries, candidates, min(k + 1, pool), metric)
+    tol = 2 * naive.score_tolerance(queries, candidates, metric)  # ours and faiss' fp32 sums, each within 1 bound
+    assert bool((indices >= 0).all()), "k <= N with no filter: every slot holds a candidate"
+    assert_close_verbose(values - faiss_values[:, :k], torch.zeros_like(values), atol=float(tol.max()), rtol=0,
+                         what=f"values against faiss (k={k}, N={pool}, {metric})")
+    own = naive.scores(queries, candidates, metric).gather(1, indices)
+    assert_close_verbose(values - own, torch.zeros_like(values), atol=float(tol.max()) / 2, rtol=0, what="own scores")
+    gaps = torch.cat([torch.full_like(faiss_values[:, :1], float("inf")), faiss_values,
+                      torch.full_like(faiss_values[:, :1], float("-inf"))], 1).diff(dim=1).abs()
+    separated = ((gaps[:, :-1] > 2 * tol) & (gaps[:, 1:] > 2 * tol))[:, :k]
+    assert torch.equal(indices[separated], faiss_indices[:, :k][separated]), f"indices differ from faiss (k={k})"
+    assert len(set(indices[0].tolist())) == k, "an id came twice"
+    return int(separated.sum())
 
 
-def test_torch_compile_fullgraph():
-    q, c = torch.randn(4, 8), torch.randn(30, 8)
-    compiled = torch.compile(lambda q, c: similarity_topk(q, c, 5, max_score=0.9), fullgraph=True)
-    expected = similarity_topk(q, c, 5, max_score=0.9)
-    actual = compiled(q, c)
-    assert torch.equal(actual[1], expected[1]) and torch.equal(actual[0], expected[0])
+# (ragged random fp32 cases of the default sizes, fixed (B, N, d, k)): k = min(N, 4096) on a pool larger than 4096,
+# and k = N.
+FAISS_CASES = {
+    "cpu": (20, [(7, 5000, 33, 4096), (3, 3000, 20, 3000)]),
+    "interpreter": (2, []),
+    "gpu": (20, [(7, 5000, 33, 4096), (3, 3000, 20, 3000)]),
+}
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
+@pytest.mark.parametrize("metric", METRICS)
+def test_matches_faiss_exact_search(backend, device, metric):
+    require_backend(OP, backend, device)
+    random_cases, fixed_cases = FAISS_CASES[runs_as(backend, device)]
+    gen = torch.Generator().manual_seed(23)
+    cases = []
+    for _ in range(random_cases):
+        rows, pool, dim = ragged_size(gen, 1, 19), ragged_size(gen, 1, 300), ragged_size(gen, 1, 48)
+        cases.append((rows, pool, dim, ragged_size(gen, 1, pool)))
+    checked = 0
+    for rows, pool, dim, k in cases + fixed_cases:
+        queries = random_rows(gen, rows, dim, ties=False)
+        candidates = random_rows(gen, pool, dim, ties=False)
+        result = similarity_topk(queries.to(device), candidates.to(device), k, metric=metric, backend=backend)
+        checked += compare_with_faiss(on_cpu(result), queries, candidates, k, metric)
+    assert checked > 1000, "too few slots outside faiss near-ties to say anything"
+
+
+# (B, N, d, k) with no filter. The interpreter pays for every candidate a list of k > 128 takes in (about a second
+# per thousand), so its k = N is small; its k = 4096 is the filtered test's (a row there fills all 4096).
+UNFILTERED_LARGE_K = {
+    "cpu": [(7, 5000, 33, 4096), (7, 5000, 33, 5000)],
+    "interpreter": [(7, 400, 8, 400)],
+    "gpu": [(7, 5000, 33, 4096), (7, 4096, 33, 4096)],
+}
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP))
+def test_large_k_and_k_equals_n(backend, device):
+    op = require_backend(OP, backend, device).handle
+    gen = torch.Generator().manual_seed(11)
+    for rows, pool, dim, k in UNFILTERED_LARGE_K[runs_as(backend, device)]:
+        q, c = random_rows(gen, rows, dim, ties=False), random_rows(gen, pool, dim, ties=True)
+        values, indices = on_cpu(op(q.to(device), c.to(device), k, "cosine", None, None))
+        compare((values, indices), similarity_topk(q, c, k, backend="torch"), {}, torch.float32)
+        if k == pool:
+            assert all(sorted(row) == list(range(pool)) for row in indices.tolist())
+
+
+def robust_max_score(gen, s, k, tol):
+    """A per-row max_score that leaves from about k - 300 up to all candidates eligible (the ones at or below it),
+    placed in the widest gap between 32 neighbouring scores so that no backend's rounding (``tol``) can move a
+    candidate across it. Row 0 always leaves fewer than k eligible; one other row in four gets no filter."""
+    pool = s.shape[1]
+    ordered = s.sort(dim=1, descending=True).values
+    limits = torch.empty(s.shape[0])
+    for row in range(s.shape[0]):
+        eligible = ragged_size(gen, max(1, k - 300), k - 33 if row == 0 else pool - 1)
+        start = pool - eligible  # the window's first score stays above the limit
+        window = ordered[row, start - 1 : start + 32]
+        if (row > 0 and bool(torch.randint(0, 4, (1,), generator=gen) == 0)) or window.numel() < 2:
+            limits[row] = 1e30
+            continue
+        widths = window[:-1] - window[1:]
+        gap = int(widths.argmax())
+        # A zero width is an exact tie (duplicates score the same on every backend); else it must dwarf the error.
+        usable = widths[gap] == 0 or widths[gap] > 4 * tol[row, 0]
+        limits[row] = float((window[gap] + window[gap + 1]) / 2) if usable else 1e30
+    return limits
+
+
+def large_k_case(gen, case_number, *, max_rows, max_k):
+    metric = METRICS[case_number % 2]
+    rows = ragged_size(gen, 1, max_rows)
+    pool = ragged_size(gen, 4100, 5200)
+    dim = ragged_size(gen, 1, 64)
+    # k = 4096 (the GPU backends' limit) in one case of three; a backend with no limit gets k = N in another.
+    k = {0: 4096, 2: pool if max_k is None else None}.get(case_number % 3) or ragged_size(gen, 3500, 4096)
+    queries, candidates = random_rows(gen, rows, dim, ties=False), random_rows(gen, pool, dim, ties=True)
+    s = naive.scores(queries, candidates, metric)
+    exclude = torch.randint(-1, pool, (rows, ragged_size(gen, 1, 300)), generator=gen)
+    exclude[:, :5] = naive.total_order(s)[:, :5]  # the best candidates themselves, so the exclusions matter
+    return {"queries": queries, "candidates": candidates, "k": k, "metric": metric, "exclude": exclude,
+            "max_score": robust_max_score(gen, s, k, naive.score_tolerance(queries, candidates, metric))}
+
+
+# (cases, largest B): the interpreter affords one case of three rows (about 10 s: N > 4096 candidates, all taken in).
+FILTERED_LARGE_K = {"cpu": (8, 9), "interpreter": (1, 3), "gpu": (8, 9)}
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP))
+def test_large_k_with_exclusions_and_max_score(backend, device):
+    """k from 3500 to 4096 (and k = N where the backend has no limit) on N = 4100..5200 with ties, exclusions and
+    max_score filters that leave from fewer than k to all candidates eligible: both kinds of row must occur."""
+    max_k = require_backend(OP, backend, device).max_k
+    cases, max_rows = FILTERED_LARGE_K[runs_as(backend, device)]
+    gen = torch.Generator().manual_seed(29)
+    short = full = 0
+    for case_number in range(cases):
+        case = large_k_case(gen, case_number, max_rows=max_rows, max_k=max_k)
+        expected = run(case, "torch")
+        compare(on_cpu(run(on_device(case, device), backend)), expected, case, torch.float32)
+        short += int((expected[1] == -1).any(1).sum())
+        full += int((expected[1] >= 0).all(1).sum())
+    assert short > 0 and full > 0, f"{short} rows with fewer than k eligible, {full} with k"
+
+
+# ---- ties, duplicates and filters ------------------------------------------------------------------------------
+
+
+# (queries, distinct rows, d, ks) of a pool holding each row twice and a third of them three times: the copies sit
+# in other candidate blocks / splits, B > 64 and d > 64 take two query blocks and two 64-wide steps, and (but on the
+# interpreter, whose random cases do it) k crosses the 128-long split lists.
+COPIES = {
+    "cpu": (70, 600, 96, (1, 100, 129, 1000)),
+    "interpreter": (70, 60, 96, (16,)),
+    "gpu": (300, 3000, 128, (1, 100, 129, 1000, 4096)),
+}
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
+def test_exact_duplicates_come_out_by_index(backend, device):
+    """Exact copies score bitwise-equal, so among them the smaller id comes first."""
+    op = require_backend(OP, backend, device).handle
+    base = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
+    num_queries, distinct, dim, ks = COPIES[runs_as(backend, device)]
+    gen = torch.Generator().manual_seed(5)
+    pool = random_rows(gen, distinct, dim, ties=False)
+    pool_queries = random_rows(gen, num_queries, dim, ties=False)
+    for dtype in dtypes_of(OP, backend):
+        require_backend(OP, backend, device, dtype)
+        candidates = torch.cat([base, base, base]).to(dtype).to(device)  # ids i, i + 5, i + 10 hold the same vector
+        values, indices = on_cpu(op(base[:2].to(dtype).to(device), candidates, 15, "cosine", None, None))
+        for row in range(2):
+            for i in range(0, 15, 3):
+                assert torch.equal(values[row, i : i + 3], values[row, i].expand(3))
+                group = indices[row, i : i + 3].tolist()
+                assert group == sorted(group) and len({g % 5 for g in group}) == 1
+            assert indices[row, :3].tolist() == [row, row + 5, row + 10]
+        copies = torch.cat([pool, pool, pool[: distinct // 3]]).to(dtype)
+        queries = pool_queries.to(dtype)
+        case = {"queries": queries, "candidates": copies, "metric": "cosine"}
+        for k in ks:
+            values, indices = on_cpu(op(queries.to(device), copies.to(device), k, "cosine", None, None))
+            compare((values, indices), similarity_topk(queries, copies, k, backend="torch"), case, dtype)
+            same = values[:, 1:] == values[:, :-1]
+            assert bool((indices[:, 1:][same] > indices[:, :-1][same]).all()), "equal scores not by index"
+
+
+# (B, N, k) of all-equal scores; on a GPU k = 4096 of 20000 takes the split lists several rounds.
+ALL_EQUAL = {"cpu": (3, 2000, 2000), "interpreter": (3, 300, 300), "gpu": (70, 20000, 4096)}
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
+def test_all_equal_scores_give_ascending_indices(backend, device):
+    op = require_backend(OP, backend, device).handle
+    rows, pool, k = ALL_EQUAL[runs_as(backend, device)]
+    values, indices = op(torch.ones(rows, 8, device=device), torch.ones(pool, 8, device=device), k, "cosine", None,
+                         None)
+    assert torch.equal(indices.cpu(), torch.arange(k).expand(rows, -1))
+    assert bool((values == values[0, 0]).all())
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
+def test_too_few_eligible(backend, device):
+    op = require_backend(OP, backend, device).handle
+    q, c = torch.randn(3, 8, device=device), torch.randn(20, 8, device=device)
+    exclude = torch.tensor([[0, 1, 2, -1]] * 3, device=device)
+    values, indices = op(q, c, 20, "dot", exclude, torch.full((3,), -1e30, device=device))
+    assert torch.equal(indices.cpu(), torch.full((3, 20), -1)) and bool((values == float("-inf")).all())
+    values, indices = op(q, c, 20, "dot", exclude, None)
+    assert bool((indices[:, 17:] == -1).all()) and bool((indices[:, :17] >= 3).all())
+    assert torch.equal(indices == -1, values == float("-inf"))
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
+def test_float_max_score_equals_tensor(backend, device):
+    require_backend(OP, backend, device)
+    q, c = torch.randn(4, 8, device=device), torch.randn(60, 8, device=device)
+    by_float = similarity_topk(q, c, 10, max_score=0.3, backend=backend)
+    by_tensor = similarity_topk(q, c, 10, max_score=torch.full((4,), 0.3, device=device), backend=backend)
+    assert torch.equal(by_float[0], by_tensor[0]) and torch.equal(by_float[1], by_tensor[1])
+
+
+# ---- errors and layouts ----------------------------------------------------------------------------------------
+
+
+# (which input holds it, its dtype, the bad value, metric, through the op or the public function): every non-finite
+# value in the queries and in the candidates, every dtype on both sides, each side through both ways in.
+NON_FINITE = [
+    ("queries", torch.float32, float("nan"), "cosine", "public"),
+    ("queries", torch.float16, float("inf"), "dot", "op"),
+    ("queries", torch.bfloat16, float("-inf"), "cosine", "public"),
+    ("candidates", torch.float32, float("-inf"), "dot", "op"),
+    ("candidates", torch.float16, float("nan"), "cosine", "public"),
+    ("candidates", torch.bfloat16, float("inf"), "dot", "op"),
+]
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
+def test_non_finite_raises(backend, device):
+    """Raises naming the input that holds it, and leaves the inputs as they were."""
+    op = require_backend(OP, backend, device).handle
+    # The bad candidate sits past the first block of every backend (264 candidates on the CPU, 128-row splits).
+    clean = {"queries": torch.randn(4, 8), "candidates": torch.randn(300, 8)}
+    for name, dtype, bad, metric, way in NON_FINITE:
+        require_backend(OP, backend, device, dtype)
+        inputs = {key: value.to(dtype).to(device, copy=True) for key, value in clean.items()}
+        inputs[name][1 if name == "queries" else 280, 3] = bad
+        before = {key: value.clone() for key, value in inputs.items()}
+        with pytest.raises(ValueError, match=f"{name} must contain only finite values"):
+            if way == "op":
+                op(inputs["queries"], inputs["candidates"], 3, metric, None, None)
+            else:
+                similarity_topk(inputs["queries"], inputs["candidates"], 3, metric=metric, backend=backend)
+        for key, value in inputs.items():
+            assert torch.equal(value.nan_to_num(), before[key].nan_to_num()), f"{key} was modified"
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP))
+def test_bad_arguments_raise(backend, device):
+    op = require_backend(OP, backend, device).handle
+    q, c = torch.randn(4, 8, device=device), torch.randn(30, 8, device=device)
+
+    def ids(rows):
+        return torch.tensor(rows, dtype=torch.int64, device=device)
+
+    with pytest.raises(ValueError, match="exclude"):
+        op(q, c, 3, "cosine", ids([[0, 30]] * 4), None)
+    with pytest.raises(ValueError, match="exclude"):
+        op(q, c, 3, "cosine", ids([[-2]] * 4), None)
+    with pytest.raises(ValueError, match="exclude"):
+        similarity_topk(q, c, 3, exclude=ids([[0, 30]] * 4), backend=backend)
+    with pytest.raises(ValueError, match="k"):
+        op(q, c, 31, "cosine", None, None)
+    with pytest.raises(ValueError, match="k"):
+        op(q, c, 0, "cosine", None, None)
+    with pytest.raises(ValueError, match="metric"):
+        op(q, c, 3, "l2", None, None)
+    with pytest.raises(ValueError, match="candidates"):
+        op(q, torch.randn(30, 9, device=device), 3, "cosine", None, None)
+    with pytest.raises(TypeError, match="candidates"):
+        op(q, c.half(), 3, "cosine", None, None)
+    with pytest.raises(TypeError, match="queries"):
+        op(q.double(), c.double(), 3, "cosine", None, None)
+    with pytest.raises(ValueError, match="max_score"):
+        op(q, c, 3, "cosine", None, torch.zeros(5, device=device))
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP))
+def test_strided_inputs(backend, device):
+    op = require_backend(OP, backend, device).handle
+    q, c = torch.randn(6, 20, device=device), torch.randn(100, 40, device=device)
+    expected = similarity_topk(q, c[:, ::2].contiguous(), 9, backend="torch")
+    _, indices = op(q, c[:, ::2], 9, "cosine", None, None)  # non-unit column stride: copied
+    assert torch.equal(indices, expected[1])
+    expected = similarity_topk(q[:, :10], c[:, :10], 9, backend="torch")
+    _, indices = op(q[:, :10], c[:, :10], 9, "cosine", None, None)  # padded rows: used in place
+    assert torch.equal(indices, expected[1])
+
+
+# ---- autograd, opcheck, torch.compile --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
+@pytest.mark.parametrize("metric", METRICS)
+def test_gradient_through_selected_pairs(backend, device, metric):
+    """The gradient of the values is that of the selected pairs of the materialised score matrix; excluded and
+    unselected candidates (k < N) and the -1 tail (k = N with exclusions) get none."""
+    require_backend(OP, backend, device)
+    gen = torch.Generator().manual_seed(2)
+    queries = torch.randn(5, 12, generator=gen).to(device).requires_grad_()
+    candidates = torch.randn(40, 12, generator=gen).to(device).requires_grad_()
+    exclude = torch.tensor([[0, 1]] * 5, device=device)
+    for k in (7, 40):
+        grad_out = torch.randn(5, k, generator=gen).to(device)
+        values, indices = similarity_topk(queries, candidates, k, metric=metric, exclude=exclude, backend=backend)
+        eligible = indices >= 0
+        (values.masked_fill(~eligible, 0) * grad_out).sum().backward()
+        ours = queries.grad, candidates.grad
+        queries.grad = candidates.grad = None
+        q, c = queries, candidates
+        if metric == "cosine":
+            q, c = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(c, dim=1)
+        picked = (q @ c.T).gather(1, indices.clamp_min(0))
+        (picked.masked_fill(~eligible, 0) * grad_out).sum().backward()
+        assert_close_verbose(ours[0], queries.grad, atol=1e-5, rtol=1e-4, what=f"grad queries (k={k})")
+        assert_close_verbose(ours[1], candidates.grad, atol=1e-5, rtol=1e-4, what=f"grad candidates (k={k})")
+        queries.grad = candidates.grad = None
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
+def test_opcheck_and_compile(backend, device):
+    op = require_backend(OP, backend, device).handle
+    q = torch.randn(4, 8, device=device, requires_grad=True)
+    c = torch.randn(30, 8, device=device, requires_grad=True)
+    # Every dtype, with gradients; the filters and k = N in one of them.
+    filtered = (30, "dot", torch.tensor([[1, -1]] * 4, device=device), torch.full((4,), 0.2, device=device))
+    for position, dtype in enumerate(dtypes_of(OP, backend)):
+        require_backend(OP, backend, device, dtype)
+        q_typed, c_typed = (x.detach().to(dtype).requires_grad_() for x in (q, c))
+        arguments = filtered if position == 1 else (5, "cosine", None, None)
+        torch.library.opcheck(op, (q_typed, c_typed, *arguments))
+    # The Python dispatch in front of the op, by name or auto, must not break the graph.
+    q, c = q.detach(), c.detach()
+    for choice in (backend, "auto"):
+        def top(q, c, choice=choice):
+            return similarity_topk(q, c, 5, max_score=0.9, backend=choice)
+
+        actual, expected = torch.compile(top, fullgraph=True)(q, c), top(q, c)
+        assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1], expected[1])
+
+
+# ---- the C++ backend's kernel variants ---------------------------------------------------------------------------
+
+
+def test_cpu_kernel_variants_agree_bitwise(monkeypatch):
+    """Every kernel (bf16 screening, AVX-512, AVX2, scalar) reports canonical rescored scores: bitwise-identical."""
+    op = require_backend(OP, "cpu").handle
+    gen = torch.Generator().manual_seed(13)
+    q, c = random_rows(gen, 45, 150, ties=False), random_rows(gen, 1200, 150, ties=True)
+    results = []
+    for isa in ("", "avx512bf16", "avx512", "avx2", "scalar"):
+        monkeypatch.setenv("ELVA_CPU_ISA", isa)
+        results.append(op(q, c, 60, "cosine", None, None))
+        results.append(op(q[:3], c, 60, "dot", None, None))  # few queries: the threads split the candidates
+    for got in results[2:]:
+        expected = results[0] if got[0].shape[0] == 45 else results[1]
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_cpu_screening_resolves_differences_below_bf16(monkeypatch, metric):
+    """Candidates closer than bf16 can resolve: the bf16-screened search must still give the exact fp32 order."""
+    op = require_backend(OP, "cpu").handle
+    gen = torch.Generator().manual_seed(17)
+    q = torch.randn(40, 96, generator=gen)
+    base = q[torch.randint(0, 40, (3000,), generator=gen)]
+    c = base + 1e-3 * torch.randn(3000, 96, generator=gen)  # scores within ~1e-3 of each other per query
+    c[::7] = c[3::7].clone()  # and exact duplicates
+    results = {}
+    for isa in ("", "avx512", "scalar"):
+        monkeypatch.setenv("ELVA_CPU_ISA", isa)
+        results[isa] = op(q, c, 200, metric, None, None)
+    for isa in ("avx512", "scalar"):
+        assert torch.equal(results[isa][0], results[""][0]) and torch.equal(results[isa][1], results[""][1])
+    compare(results[""], similarity_topk(q, c, 200, metric=metric, backend="torch"), {}, torch.float32)
+
+
+# ---- GPU sizes ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_matrix(OP) if p.values[1] == "cuda"])
+def test_pool_above_2_31_pairs(backend, device):
+    """B * N above 2**31: ids and offsets stay int64 end to end."""
+    require_backend(OP, backend, device, torch.bfloat16)
+    # fp32, cosine: the best match of query 7 sits at the very end of 2.2M candidates.
+    q = torch.randn(1024, 16, device=device)
+    c = torch.randn(2_200_000, 16, device=device)
+    c[-1] = q[7] * 3
+    values, indices = similarity_topk(q, c, 5, backend=backend)
+    assert indices.dtype == torch.int64 and indices[7, 0].item() == c.shape[0] - 1
+    # bf16, dot: checked against torch mm + topk per chunk of queries.
+    gen = torch.Generator(device).manual_seed(3)
+    q = torch.randn(1536, 64, device=device, generator=gen).bfloat16()
+    c = torch.randn(1_500_000, 64, device=device, generator=gen).bfloat16()
+    c[-1] = q[5] * 2  # the best match of query 5 is the last candidate
+    values, indices = similarity_topk(q, c, 100, metric="dot", backend=backend)
+    assert indices[5, 0].item() == c.shape[0] - 1
+    for start in range(0, q.shape[0], 256):
+        expected_values, _ = torch.topk(q[start : start + 256].float() @ c.float().T, 100)
+        torch.testing.assert_close(values[start : start + 256], expected_values, atol=1e-3, rtol=1e-4)

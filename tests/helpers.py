@@ -41,6 +41,19 @@ def require_backend(op: str, name: str, device: str = "cpu", dtype: torch.dtype 
     return registered[name]
 
 
+def runs_as(backend: str, device: str) -> str:
+    """What case sizes a (backend, device) pair can afford: "gpu", "interpreter" (Triton on CPU tensors, a few
+    hundred times slower than compiled kernels; its cost grows with programs x loop steps) or "cpu"."""
+    if device == "cuda":
+        return "gpu"
+    return "interpreter" if backend == "triton" else "cpu"
+
+
+def on_device(case: dict, device: str) -> dict:
+    """``case`` with every tensor moved to ``device``."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+
+
 def dtypes_of(op: str, name: str) -> tuple[torch.dtype, ...]:
     """The dtypes the registry says ``name`` serves for ``op``."""
     return next(b.dtypes for b in _dispatch.backends(op) if b.name == name)
@@ -89,7 +102,7 @@ def check_backend_against_reference(
         require_backend(op, backend, device, dtype)
         gen = torch.Generator().manual_seed(seed)
         for _ in range(cases):
-            case = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in make_case(gen, dtype).items()}
+            case = on_device(make_case(gen, dtype), device)
             compare(run(case, backend), run(case, "torch"), case, dtype)
             checked += 1
     assert checked > 0, f"no case of {op} ran on {backend}"

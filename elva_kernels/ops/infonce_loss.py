@@ -68,7 +68,7 @@ def infonce_loss(
             concatenated and the candidates reordered as [every rank's first B_r; every
             rank's extras] (it does not take false_negatives yet). Gradients flow back to each
             rank's own rows (the gather's backward sums them over ranks).
-        backend: "auto" or "torch" (the fast backends come later).
+        backend: "auto", "triton", "cuda", "cpu" or "torch".
 
     Returns:
         The loss (a 0-dim fp32 tensor, or [B] fp32 for reduction="none"), or ``(loss, lse)``

@@ -51,7 +51,7 @@ def online_logsumexp(
     return new_max, scaled + torch.exp(tile - shift.unsqueeze(dim)).sum(dim)
 
 
-def _check_data(queries, candidates, labels, temperature, symmetric, false_negatives) -> None:
+def check_data(queries, candidates, labels, temperature, symmetric, false_negatives) -> None:
     _validate.finite("queries", queries)
     _validate.finite("candidates", candidates)
     check_ids(queries, candidates, labels, temperature, symmetric, false_negatives)
@@ -88,7 +88,7 @@ def infonce_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss [B] fp32, lse [B] fp32): per-query losses (both directions averaged when symmetric)
     and the query->candidate log-sum-exp of cos / tau."""
-    _check_data(queries, candidates, labels, temperature, symmetric, false_negatives)
+    check_data(queries, candidates, labels, temperature, symmetric, false_negatives)
     num_queries, num_candidates, device = queries.shape[0], candidates.shape[0], queries.device
     lse = torch.empty(num_queries, device=device)
     positive = torch.zeros(num_queries, device=device)  # z_{i, l_i}, filled by the tile holding l_i
@@ -145,6 +145,7 @@ def infonce_loss_backward(
     Masked pairs have z = -inf, hence p = r = 0. dL/ds gives the prepared-row gradients
     dQ' = dS C' and dC' = dS^T Q', mapped back through the normalisation.
     """
+    check_data(queries, candidates, labels, temperature, symmetric, false_negatives)  # when called directly
     want_q, want_c, want_t = output_mask
     num_queries, num_candidates = queries.shape[0], candidates.shape[0]
     g, h = grad_loss, grad_lse

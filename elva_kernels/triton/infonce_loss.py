@@ -241,6 +241,8 @@ def infonce_loss(queries, candidates, labels, temperature, symmetric, false_nega
 def infonce_loss_backward(queries, candidates, labels, temperature, symmetric, false_negatives, loss, lse, grad_loss,
                           grad_lse, output_mask):
     """Launcher of ``elva::infonce_loss_backward_triton``: the reference backward's formula, tile by tile."""
+    # Called directly (not after the forward), the op still refuses bad data; O((B + N) d), beside O(B N d) tiles.
+    reference.check_data(queries, candidates, labels, temperature, symmetric, false_negatives)
     want_q, want_c, want_t = output_mask
     originals = queries, candidates
     queries, candidates, fn, q_scale, c_scale = _prepared(queries, candidates, false_negatives)

@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_leaves
 
 from elva_kernels import _dispatch, _library, elva_rewards, group_advantages
 from elva_kernels.reference import elva_rewards as reference
-from tests.helpers import assert_close_verbose, backend_matrix, dtypes_of, ragged_size, require_backend
+from tests.helpers import assert_close_verbose, backend_matrix, dtypes_of, ragged_size, require_backend, runs_as
 
 OP = "elva_rewards"
 MODES = ("group", "batch", "none")
@@ -47,13 +47,6 @@ NAIVE_ADVANTAGE_TOLERANCE = (1e-5, 1e-5)
 # in the input dtype: twice its unit roundoff (2**-11 fp16, 2**-8 bf16).
 GRAD_TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
-
-def runs_as(backend, device):
-    """What sizes a (backend, device) pair can afford: "gpu", "interpreter" (Triton on CPU tensors: one program per
-    query, each costing about a millisecond per padded G x C element) or "cpu"."""
-    if device == "cuda":
-        return "gpu"
-    return "interpreter" if backend == "triton" else "cpu"
 
 
 def on_device(value, device):

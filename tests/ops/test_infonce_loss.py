@@ -1,5 +1,13 @@
-"""A4 infonce_loss (torch backend) against a materialised float64 InfoNCE, plus its contracts:
-bad input, opcheck, torch.compile, memory linearity and torch.distributed gathering."""
+"""infonce_loss on every backend the registry lists, on every device it runs on.
+
+Every backend (the torch reference included, on CPU and CUDA) against a materialised float64 InfoNCE: loss, lse and
+the gradients of queries, candidates and temperature, over fixed edge shapes (B = N = d = 1, d = 1 where every score
+ties) and ragged random ones (N > B, symmetric, false negatives, tau from 1e-4 to 1, every dtype), over several
+blocks, with all-equal scores, zero rows and strided views; dL/dtau also against finite differences of the float64
+loss; the backward op's output mask; bitwise determinism; data errors named in the forward and backward ops;
+opcheck and torch.compile. The public API's reductions, defaults, argument errors and torch.distributed gathering.
+Case counts follow where a backend runs: the Triton interpreter gets fewer cases. Memory: tests/ops/test_memory.py.
+"""
 from __future__ import annotations
 
 import itertools
@@ -7,150 +15,363 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from elva_kernels import infonce_loss
 from elva_kernels.reference import _common
-from tests.helpers import spawn_gloo
-from elva_kernels.reference.infonce_loss import infonce_loss as reference_infonce_loss
+from tests.helpers import backend_matrix, ragged_size, require_backend, runs_as, spawn_gloo
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Ragged shapes (B, N, d): N >= B, extra negatives, d = 1 (cosine is +-1: ties everywhere).
-SHAPES = [(1, 1, 1), (1, 4, 5), (3, 3, 64), (3, 10, 5), (17, 17, 1), (17, 40, 64), (17, 300, 5)]
+OP = "infonce_loss"
+OPS = torch.ops.elva
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Tolerances against float64, from the one deliberate rounding: scores are fp32 (SPEC A), so
-# z = s / tau carries an absolute error ~2**-24 / tau, and everything scales with 1/tau.
-# fp16/bf16 inputs are upcast before any arithmetic and the float64 oracle sees the same
-# rounded inputs, so the loss is as exact as for fp32; the gradients come back in the input
-# dtype and so add its rounding (2**-11 for fp16, 2**-8 for bf16, twice that as margin).
-# Worst seen over 6 seeds x every case: about 1/7 of each bound.
+# Tolerances against float64, from the one deliberate rounding: scores are fp32 (SPEC A), so z = s / tau carries an
+# absolute error ~2**-24 sqrt(d) / tau, and everything scales with 1 / tau. fp16/bf16 inputs are upcast before any
+# arithmetic and the float64 oracle sees the same rounded inputs, so the loss is as exact as for fp32; the gradients
+# come back in the input dtype and so add its rounding (2**-11 for fp16, 2**-8 for bf16, twice that as margin).
 LOSS_RTOL, LOSS_ATOL_TAU = 1e-5, 2e-6  # |err| <= rtol |ref| + atol / tau
-GRAD_RTOL_TAU = 1e-6  # embeddings: |err| <= (rtol / tau + dtype rounding) max|ref| + 1e-6
-GRAD_DTYPE_ROUNDING = {torch.float32: 0.0, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+GRAD_RTOL_TAU = 1e-6  # embeddings: |err| <= (rtol / tau + rounding) max|ref| + 1e-6
+# The fast backends sum the gradient tiles in another order than the reference's fp64-accumulated dot products.
+GRAD_ROUNDING = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # dL/dtau = -sum_ij dL/dz_ij s_ij / tau^2 cancels: bound its error by B max|weight| / tau^3.
-TAU_GRAD_ATOL = 2e-7
+TAU_GRAD_ATOL = 4e-7
 
 
 def naive_infonce(q, c, labels, tau, symmetric=False, false_negatives=None):
-    """The [B, N] float64 InfoNCE that the op must equal: (loss [B], lse [B])."""
+    """The [B, N] float64 InfoNCE that every backend must equal: (loss [B], lse [B])."""
     z = F.normalize(q.double(), dim=1, eps=1e-12) @ F.normalize(c.double(), dim=1, eps=1e-12).T / tau
     if false_negatives is not None:
         n = z.shape[1]
         listed = torch.zeros(z.shape[0], n + 1, dtype=torch.bool)
-        listed.scatter_(1, torch.where(false_negatives >= 0, false_negatives, n), True)
-        z = z.masked_fill(listed[:, :n], float("-inf"))
+        listed.scatter_(1, torch.where(false_negatives >= 0, false_negatives, n).cpu(), True)
+        z = z.masked_fill(listed[:, :n].to(z.device), float("-inf"))
     loss = F.cross_entropy(z, labels, reduction="none")
     if symmetric:
         num_queries = q.shape[0]
-        reverse = F.cross_entropy(z[:, :num_queries].T, torch.arange(num_queries), reduction="none")
+        reverse = F.cross_entropy(z[:, :num_queries].T, torch.arange(num_queries, device=z.device), reduction="none")
         loss = (loss + reverse) / 2
     return loss, z.logsumexp(1)
 
 
 def _assert_within(err, bound, what):
-    bad = err > bound
+    bad = ~(err <= bound)
     if bad.any():
         first = bad.nonzero()[0].tolist()
         raise AssertionError(f"{what}: {int(bad.sum())} mismatches, first at {first}, max err {err.max():.3g}")
 
 
 def assert_loss_close(actual, expected, tau, what="loss"):
-    err = (actual.double() - expected).abs()
-    bound = LOSS_RTOL * expected.abs() + LOSS_ATOL_TAU / tau
-    _assert_within(err, bound, what)
+    err = (actual.double().cpu() - expected.cpu()).abs()
+    _assert_within(err, LOSS_RTOL * expected.cpu().abs() + LOSS_ATOL_TAU / tau, what)
 
 
-def assert_grad_close(actual, expected, tau, name):
-    rtol = GRAD_RTOL_TAU / tau + GRAD_DTYPE_ROUNDING[actual.dtype]
-    err = (actual.double() - expected).abs()
-    bound = rtol * expected.abs().max() + 1e-6
-    _assert_within(err, bound, f"grad {name}")
+def assert_grad_close(actual, expected, tau, what):
+    rtol = GRAD_RTOL_TAU / tau + GRAD_ROUNDING[actual.dtype]
+    err = (actual.double().cpu() - expected.cpu()).abs()
+    _assert_within(err, rtol * expected.abs().max().cpu() + 1e-6, what)
 
 
-def assert_tau_grad_close(actual, expected, tau, rows, weight):
-    bound = TAU_GRAD_ATOL * rows * weight / tau**3
-    err = abs(actual.double() - expected)
-    assert err <= bound, f"grad temperature: {actual.item()} vs {expected.item()}, err {err:.3g} > {bound:.3g}"
+def assert_tau_grad_close(actual, expected, tau, rows, weight, what="grad temperature"):
+    bound = TAU_GRAD_ATOL * rows * weight / tau**3 + 1e-5 * abs(float(expected))
+    err = abs(float(actual) - float(expected))
+    assert err <= bound, f"{what}: {float(actual)} vs {float(expected)}, err {err:.3g} > {bound:.3g}"
 
 
 def make_case(shape, dtype, symmetric, with_false_negatives, seed=0):
+    """CPU inputs (q, c, labels or None, dense labels, false negatives or None, loss and lse weights)."""
     num_queries, num_candidates, d = shape
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(num_queries, d, generator=g).to(dtype)
-    c = torch.randn(num_candidates, d, generator=g).to(dtype)
+    q = torch.randn(num_queries, d, generator=g)
+    c = torch.randn(num_candidates, d, generator=g)
+    c[:num_queries] = 0.5 * c[:num_queries] + q  # positives near their queries: a real loss landscape
     labels = None if symmetric else torch.randint(0, num_candidates, (num_queries,), generator=g)
     dense_labels = torch.arange(num_queries) if labels is None else labels
     false_negatives = None
     if with_false_negatives:
-        false_negatives = torch.randint(-1, num_candidates, (num_queries, 3), generator=g)
+        false_negatives = torch.randint(-1, num_candidates, (num_queries, 1 + seed % 4), generator=g)
         false_negatives = torch.where(false_negatives == dense_labels[:, None], -1, false_negatives)
     weights = torch.randn(num_queries, generator=g), torch.randn(num_queries, generator=g)
-    return q, c, labels, dense_labels, false_negatives, weights
+    return q.to(dtype), c.to(dtype), labels, dense_labels, false_negatives, weights
 
 
-CASES = list(itertools.product(SHAPES, DTYPES, (False, True), (False, True), (0.05, 0.01)))
+def on_device(values, device):
+    return [v.to(device) if isinstance(v, torch.Tensor) else v for v in values]
 
 
-@pytest.mark.parametrize(
-    "shape,dtype_name,symmetric,with_fn,tau",
-    CASES,
-    ids=[
-        f"{dt}-B{s[0]}-N{s[1]}-d{s[2]}-{'sym' if sy else 'q2c'}-{'fn' if fn else 'nofn'}-tau{tau}"
-        for s, dt, sy, fn, tau in CASES
-    ],
-)
-def test_matches_float64(shape, dtype_name, symmetric, with_fn, tau):
-    q, c, labels, dense_labels, false_negatives, (w_loss, w_lse) = make_case(
-        shape, DTYPES[dtype_name], symmetric, with_fn
-    )
-    q.requires_grad_()
-    c.requires_grad_()
-    temperature = torch.tensor(tau, requires_grad=True)
-    loss, lse = infonce_loss(
-        q, c, labels=labels, temperature=temperature, symmetric=symmetric,
-        false_negatives=false_negatives, reduction="none", return_lse=True,
-    )
-    assert loss.shape == lse.shape == (shape[0],) and loss.dtype == lse.dtype == torch.float32
-    q64, c64, t64 = (x.detach().double().requires_grad_() for x in (q, c, temperature))
-    ref_loss, ref_lse = naive_infonce(q64, c64, dense_labels, t64, symmetric, false_negatives)
-    assert_loss_close(loss, ref_loss, tau)
-    assert_loss_close(lse, ref_lse, tau, "lse")
+def check_against_float64(backend, device, case, tau, symmetric, *, reduction_weights=None):
+    """Loss, lse and all three gradients of ``backend`` on ``device`` against float64 autograd of the naive loss."""
+    q, c, labels, dense_labels, fn, (w_loss, w_lse) = case
+    q_dev, c_dev, labels_dev, fn_dev, w_loss_dev, w_lse_dev = on_device((q, c, labels, fn, w_loss, w_lse), device)
+    q_dev.requires_grad_()
+    c_dev.requires_grad_()
+    temperature = torch.tensor(tau, device=device, requires_grad=True)
+    loss, lse = infonce_loss(q_dev, c_dev, labels=labels_dev, temperature=temperature, symmetric=symmetric,
+                             false_negatives=fn_dev, reduction="none", return_lse=True, backend=backend)
+    assert loss.shape == lse.shape == (q.shape[0],) and loss.dtype == lse.dtype == torch.float32
+    q64, c64 = (x.double().requires_grad_() for x in (q, c))
+    t64 = torch.tensor(tau, dtype=torch.float64, requires_grad=True)
+    ref_loss, ref_lse = naive_infonce(q64, c64, dense_labels, t64, symmetric, fn)
+    what = f"{backend}/{device} B={q.shape[0]} N={c.shape[0]} d={q.shape[1]} {q.dtype} tau={tau} sym={symmetric}"
+    assert_loss_close(loss.detach(), ref_loss.detach(), tau, f"{what} loss")
+    assert_loss_close(lse.detach(), ref_lse.detach(), tau, f"{what} lse")
 
-    grads = torch.autograd.grad((loss * w_loss).sum() + (lse * w_lse).sum(), (q, c, temperature))
+    grads = torch.autograd.grad((loss * w_loss_dev).sum() + (lse * w_lse_dev).sum(), (q_dev, c_dev, temperature))
     ref_grads = torch.autograd.grad((ref_loss * w_loss).sum() + (ref_lse * w_lse).sum(), (q64, c64, t64))
     assert grads[0].dtype == q.dtype and grads[1].dtype == c.dtype
-    assert_grad_close(grads[0], ref_grads[0], tau, "queries")
-    assert_grad_close(grads[1], ref_grads[1], tau, "candidates")
+    assert all(torch.isfinite(g).all() for g in grads), f"{what}: a gradient is not finite"
+    assert_grad_close(grads[0], ref_grads[0], tau, f"{what} grad queries")
+    assert_grad_close(grads[1], ref_grads[1], tau, f"{what} grad candidates")
     weight = max(w_loss.abs().max(), w_lse.abs().max()).item()
-    assert_tau_grad_close(grads[2], ref_grads[2], tau, shape[0], weight)
+    assert_tau_grad_close(grads[2], ref_grads[2], tau, q.shape[0], weight, f"{what} grad temperature")
 
 
-@pytest.mark.parametrize("symmetric,with_fn", [(False, True), (True, False), (True, True)])
-def test_many_tiles(monkeypatch, symmetric, with_fn):
-    # Small blocks: 3 query blocks x 3 candidate blocks (256 is the smallest candidate block),
-    # so the running max/sum, the labels, the false negatives and the reverse direction's
-    # columns all cross tile borders.
-    monkeypatch.setattr(_common, "QUERY_BLOCK", 128)
-    monkeypatch.setattr(_common, "TILE_ELEMENTS", 1)
-    q, c, labels, dense_labels, fn, (w_loss, w_lse) = make_case((300, 700, 16), torch.float32, symmetric, with_fn)
-    q.requires_grad_()
-    c.requires_grad_()
-    tau = torch.tensor(0.05, requires_grad=True)
-    loss, lse = infonce_loss(
-        q, c, labels=labels, temperature=tau, symmetric=symmetric, false_negatives=fn,
-        reduction="none", return_lse=True,
-    )
-    q64, c64, t64 = (x.detach().double().requires_grad_() for x in (q, c, tau))
-    ref_loss, ref_lse = naive_infonce(q64, c64, dense_labels, t64, symmetric, fn)
-    assert_loss_close(loss, ref_loss, 0.05)
-    assert_loss_close(lse, ref_lse, 0.05, "lse")
-    grads = torch.autograd.grad((loss * w_loss).sum() + (lse * w_lse).sum(), (q, c, tau))
-    ref_grads = torch.autograd.grad((ref_loss * w_loss).sum() + (ref_lse * w_lse).sum(), (q64, c64, t64))
-    assert_grad_close(grads[0], ref_grads[0], 0.05, "queries")
-    assert_grad_close(grads[1], ref_grads[1], 0.05, "candidates")
-    weight = max(w_loss.abs().max(), w_lse.abs().max()).item()
-    assert_tau_grad_close(grads[2], ref_grads[2], 0.05, 300, weight)
+# Fixed edge shapes (B, N, d): one row, N > B, d = 1 (cosine is +-1: ties everywhere).
+SHAPES = [(1, 1, 1), (1, 4, 5), (3, 3, 64), (3, 10, 5), (17, 17, 1), (17, 40, 64), (17, 300, 5)]
+FIXED_CASES = list(itertools.product(SHAPES, DTYPES, (False, True), (0.05, 0.01)))
+# Ragged random cases, largest (B, extra negatives, d): (cases, limits). The interpreter gets every third fixed case.
+RANDOM_CASES = {"cpu": (24, (70, 400, 130)), "interpreter": (6, (45, 60, 40)), "gpu": (24, (70, 400, 130))}
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["q2c", "symmetric"])
+@pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
+def test_matches_float64(backend, device, symmetric):
+    for dtype in DTYPES:
+        require_backend(OP, backend, device, dtype)
+    step = 3 if runs_as(backend, device) == "interpreter" else 1
+    for number, (shape, dtype, with_fn, tau) in enumerate(FIXED_CASES[::step]):
+        case = make_case(shape, dtype, symmetric, with_fn, seed=number)
+        check_against_float64(backend, device, case, tau, symmetric)
+    count, (max_rows, max_extra, max_dim) = RANDOM_CASES[runs_as(backend, device)]
+    gen = torch.Generator().manual_seed(int(symmetric))
+    for number in range(count):
+        rows = ragged_size(gen, 1, max_rows)
+        shape = (rows, rows + ragged_size(gen, 0, max_extra), ragged_size(gen, 1, max_dim))
+        case = make_case(shape, DTYPES[number % 3], symmetric, number % 2 == 1, seed=100 + number)
+        check_against_float64(backend, device, case, (0.05, 0.01, 1.0)[number % 3], symmetric)
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
+def test_many_blocks(backend, device, monkeypatch):
+    """Several query and candidate blocks with ragged ends, so the running max and sum, the labels, the false
+    negatives and the reverse direction's columns all cross block borders. The reference gets small tiles (3 query
+    blocks x 3 candidate blocks; 256 is its smallest candidate block)."""
+    require_backend(OP, backend, device)
+    if backend == "torch":
+        monkeypatch.setattr(_common, "QUERY_BLOCK", 128)
+        monkeypatch.setattr(_common, "TILE_ELEMENTS", 1)
+    for symmetric, with_fn in [(False, True), (True, False), (True, True)]:
+        case = make_case((300, 700, 24), torch.float32, symmetric, with_fn, seed=3)
+        check_against_float64(backend, device, case, 0.05, symmetric)
+
+
+@pytest.mark.parametrize("tau", [0.01, 1e-4])
+@pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
+def test_small_temperature_does_not_overflow(backend, device, tau):
+    # exp(1 / 1e-4) overflows any float: only the online max shift keeps this finite.
+    require_backend(OP, backend, device)
+    q, c = torch.randn(8, 32, device=device, requires_grad=True), torch.randn(30, 32, device=device, requires_grad=True)
+    loss, lse = infonce_loss(q, c, temperature=tau, symmetric=True, reduction="none", return_lse=True, backend=backend)
+    assert torch.isfinite(loss).all() and torch.isfinite(lse).all()
+    expected = naive_infonce(q.detach().cpu(), c.detach().cpu(), torch.arange(8), tau, True)[0]
+    assert_loss_close(loss.detach(), expected, tau)
+    loss.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(c.grad).all()
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
+def test_all_equal_scores(backend, device):
+    # Identical candidates: every score ties, so the loss is log N exactly and the gradient w.r.t. tau is 0.
+    require_backend(OP, backend, device)
+    c = torch.ones(7, 4, device=device, requires_grad=True)
+    tau = torch.tensor(0.05, device=device, requires_grad=True)
+    loss = infonce_loss(torch.randn(3, 4, device=device), c, temperature=tau, reduction="none", backend=backend)
+    torch.testing.assert_close(loss.detach().cpu(), torch.full((3,), torch.log(torch.tensor(7.0)).item()), rtol=1e-6,
+                               atol=0)
+    loss.sum().backward()
+    assert abs(tau.grad.item()) < 1e-3
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
+def test_zero_rows(backend, device):
+    # A zero vector normalises to zero (eps 1e-12), as F.normalize does: all its scores are 0.
+    require_backend(OP, backend, device)
+    q, c = torch.zeros(2, 4), torch.randn(5, 4)
+    loss = infonce_loss(q.to(device), c.to(device), reduction="none", backend=backend)
+    assert_loss_close(loss, naive_infonce(q, c, torch.arange(2), 0.05)[0], 0.05)
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
+def test_false_negatives_transposed_in_reverse_direction(backend, device):
+    # Row 0 lists candidate 1: pair (0, 1) leaves query 0's softmax and candidate 1's softmax.
+    require_backend(OP, backend, device)
+    q, c = torch.randn(3, 8), torch.randn(3, 8)
+    fn = torch.tensor([[1], [-1], [-1]])
+    loss = infonce_loss(q.to(device), c.to(device), temperature=0.1, symmetric=True, false_negatives=fn.to(device),
+                        reduction="none", backend=backend)
+    z = F.normalize(q.double(), dim=1) @ F.normalize(c.double(), dim=1).T / 0.1
+    forward = torch.stack([z[0, [0, 2]].logsumexp(0), z[1].logsumexp(0), z[2].logsumexp(0)]) - z.diagonal()
+    reverse = torch.stack([z[:, 0].logsumexp(0), z[[1, 2], 1].logsumexp(0), z[:, 2].logsumexp(0)]) - z.diagonal()
+    assert_loss_close(loss, (forward + reverse) / 2, 0.1)
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
+def test_every_option_non_default(backend, device):
+    require_backend(OP, backend, device, torch.bfloat16)
+    q, c, _, dense_labels, fn, _ = make_case((6, 15, 12), torch.bfloat16, True, True, seed=3)
+    loss, lse = infonce_loss(*on_device((q, c), device), temperature=torch.tensor(0.02, device=device),
+                             symmetric=True, false_negatives=fn.to(device), reduction="sum", return_lse=True,
+                             backend=backend)
+    ref_loss, ref_lse = naive_infonce(q, c, dense_labels, 0.02, True, fn)
+    # The sum adds up 6 rows' errors.
+    torch.testing.assert_close(loss.double().cpu(), ref_loss.sum(), rtol=LOSS_RTOL, atol=6 * LOSS_ATOL_TAU / 0.02)
+    assert_loss_close(lse, ref_lse, 0.02, "lse")
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
+def test_grad_temperature_matches_finite_differences(backend, device):
+    """dL/dtau against central differences of the float64 loss (independent of any autograd formula)."""
+    require_backend(OP, backend, device)
+    q, c, _, dense_labels, fn, (g, h) = make_case((20, 50, 16), torch.float32, True, True, seed=11)
+    tau, step = 0.3, 1e-4
+
+    def objective(t):
+        loss, lse = naive_infonce(q, c, dense_labels, t, True, fn)
+        return float((loss * g).sum() + (lse * h).sum())
+
+    numeric = (objective(tau + step) - objective(tau - step)) / (2 * step)  # truncation error ~ step**2
+    t = torch.tensor(tau, device=device, requires_grad=True)
+    q_dev, c_dev, fn_dev, g_dev, h_dev = on_device((q, c, fn, g, h), device)
+    loss, lse = infonce_loss(q_dev, c_dev, temperature=t, symmetric=True, false_negatives=fn_dev, reduction="none",
+                             return_lse=True, backend=backend)
+    ((loss * g_dev).sum() + (lse * h_dev).sum()).backward()
+    assert_tau_grad_close(t.grad, numeric, tau, 20, max(g.abs().max().item(), h.abs().max().item()))
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
+def test_backward_output_mask(backend, device):
+    """The backward op computes only the gradients asked for; each equals the one computed with all three."""
+    require_backend(OP, backend, device)
+    q, c, _, labels, fn, (g, h) = make_case((9, 40, 16), torch.float32, True, True, seed=5)
+    args = on_device((q, c, labels, torch.tensor(0.05), True, fn), device)
+    loss, lse = getattr(OPS, f"{OP}_{backend}")(*args)
+    backward = getattr(OPS, f"infonce_loss_backward_{backend}")
+    weights = on_device((g, h), device)
+    full = backward(*args, loss, lse, *weights, [True, True, True])
+    for mask in ([True, False, False], [False, True, False], [False, False, True], [True, False, True]):
+        got = backward(*args, loss, lse, *weights, mask)
+        for name, wanted, part, whole in zip(("queries", "candidates", "temperature"), mask, got, full):
+            if wanted:
+                assert torch.equal(part, whole), f"mask {mask}: grad {name} differs from the full backward's"
+            else:
+                assert part.shape == (0,), f"mask {mask}: unwanted grad {name} has shape {tuple(part.shape)}"
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
+def test_strided_inputs_and_determinism(backend, device):
+    require_backend(OP, backend, device)
+    base_q, base_c = torch.randn(9, 32, device=device), torch.randn(40, 2 * 16, device=device)
+    q, c = base_q[:, ::2], base_c[::2, 1::2]  # strided views
+    fn = torch.tensor([[3, -1]] * 9, device=device)
+    fn[3, 0] = -1
+
+    def run(q, c):
+        q, c = q.detach().requires_grad_(), c.detach().requires_grad_()
+        tau = torch.tensor(0.05, device=device, requires_grad=True)
+        loss, lse = infonce_loss(q, c, temperature=tau, symmetric=True, false_negatives=fn, return_lse=True,
+                                 backend=backend)
+        grads = torch.autograd.grad(loss + lse.sum(), (q, c, tau))
+        return (loss, lse) + grads
+
+    first, second, contiguous = run(q, c), run(q, c), run(q.contiguous(), c.contiguous())
+    for a, b, e in zip(first, second, contiguous):
+        assert torch.equal(a, b), "two runs must be bitwise equal"
+        # The row norms may reduce in another order for strided rows: equal up to fp32 rounding.
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+DATA_ERRORS = [
+    (dict(q_nan=True), "queries must contain only finite values"),
+    (dict(c_inf=True), "candidates must contain only finite values"),
+    (dict(tau=0.0), "temperature must be a finite value > 0"),
+    (dict(tau=float("nan")), "temperature must be a finite value > 0"),
+    (dict(labels=[0, 1, 99]), r"labels holds ids outside \[0, 10\); got 99"),
+    (dict(labels=[0, 2, 1], symmetric=True), r"labels must be arange\(B\) = arange\(3\) when symmetric=True"),
+    (dict(fn=[[-1], [10], [-1]]), r"false_negatives holds ids outside -1 \(padding\) or \[0, 10\); got 10"),
+    (dict(fn=[[-1], [1], [-1]]), "false_negatives must not list a query's own label; row 1 lists its label 1"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", DATA_ERRORS, ids=[m[:30] for _, m in DATA_ERRORS])
+@pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
+def test_data_errors_name_the_argument(backend, device, kwargs, message):
+    """Errors only the values show: the registered forward and backward ops raise them (called directly, as
+    opcheck and torch.compile do), with the reference's message."""
+    require_backend(OP, backend, device)
+    q, c = torch.randn(3, 8), torch.randn(10, 8)
+    if kwargs.get("q_nan"):
+        q[1, 2] = float("nan")
+    if kwargs.get("c_inf"):
+        c[7, 0] = float("inf")
+    labels = torch.tensor(kwargs.get("labels", [0, 1, 2]))
+    fn = torch.tensor(kwargs["fn"]) if "fn" in kwargs else None
+    args = (*on_device((q, c, labels, torch.tensor(kwargs.get("tau", 0.05))), device), kwargs.get("symmetric", False),
+            None if fn is None else fn.to(device))
+    with pytest.raises(ValueError, match=message):
+        getattr(OPS, f"{OP}_{backend}")(*args)
+    zeros = torch.zeros(3, device=device)
+    with pytest.raises(ValueError, match=message):
+        getattr(OPS, f"infonce_loss_backward_{backend}")(*args, zeros, zeros, zeros, zeros, [True, True, True])
+
+
+OPCHECK_CASES = {
+    "plain": dict(shape=(5, 9, 8), symmetric=False, fn=False, dtype=torch.float32),
+    "symmetric-fn": dict(shape=(5, 9, 8), symmetric=True, fn=True, dtype=torch.float32),
+    "labels-fn-bf16": dict(shape=(4, 2050, 3), symmetric=False, fn=True, dtype=torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
+def test_opcheck(backend, device):
+    """The forward op (its fake, autograd and schema) and the backward op with and without an output mask."""
+    require_backend(OP, backend, device, torch.bfloat16)
+    for case in OPCHECK_CASES.values():
+        shape = case["shape"]
+        if runs_as(backend, device) == "interpreter":  # several candidate blocks still; 2050 would take 10 s
+            shape = (shape[0], min(shape[1], 300), shape[2])
+        q, c, _, labels, fn, (g, h) = make_case(shape, case["dtype"], case["symmetric"], case["fn"])
+        q, c, labels, fn, g, h = on_device((q, c, labels, fn, g, h), device)
+        tau = torch.tensor(0.07, device=device, requires_grad=True)
+        args = (q.requires_grad_(), c.requires_grad_(), labels, tau, case["symmetric"], fn)
+        torch.library.opcheck(getattr(OPS, f"{OP}_{backend}").default, args)
+        loss, lse = getattr(OPS, f"{OP}_{backend}")(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+        plain = (q.detach(), c.detach(), labels, tau.detach(), case["symmetric"], fn, loss, lse, g, h)
+        for mask in ([True, True, True], [False, True, False]):
+            torch.library.opcheck(getattr(OPS, f"infonce_loss_backward_{backend}").default, (*plain, mask))
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
+def test_torch_compile_fullgraph(backend, device):
+    require_backend(OP, backend, device)
+    q, c, _, _, fn, _ = make_case((6, 14, 16), torch.float32, True, True)
+    q, c, fn = on_device((q, c, fn), device)
+
+    def loss_fn(q, c, tau, fn):
+        loss, lse = infonce_loss(q, c, temperature=tau, symmetric=True, false_negatives=fn, return_lse=True,
+                                 backend=backend)
+        return loss + lse.mean()
+
+    def run(fn_to_run):
+        qq, cc = q.clone().requires_grad_(), c.clone().requires_grad_()
+        tau = torch.tensor(0.05, device=device, requires_grad=True)
+        out = fn_to_run(qq, cc, tau, fn)
+        return (out,) + torch.autograd.grad(out, (qq, cc, tau))
+
+    torch._dynamo.reset()
+    compiled = run(torch.compile(loss_fn, fullgraph=True))
+    for got, expected in zip(compiled, run(loss_fn)):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+# ---- the public API (backend "auto") ----------------------------------------------------------------------------
 
 
 def test_default_labels_are_arange():
@@ -179,112 +400,6 @@ def test_float_and_tensor_temperature_agree():
     tau = torch.tensor(0.07, dtype=torch.float64, requires_grad=True)
     infonce_loss(q, c, temperature=tau).backward()
     assert tau.grad is not None and tau.grad.dtype == torch.float64
-
-
-@pytest.mark.parametrize("tau", [0.01, 1e-4])
-def test_small_temperature_does_not_overflow(tau):
-    # exp(1 / 1e-4) overflows any float: only the online max shift keeps this finite.
-    q, c = torch.randn(8, 32, requires_grad=True), torch.randn(30, 32, requires_grad=True)
-    loss, lse = infonce_loss(q, c, temperature=tau, symmetric=True, reduction="none", return_lse=True)
-    assert torch.isfinite(loss).all() and torch.isfinite(lse).all()
-    assert_loss_close(loss, naive_infonce(q.detach(), c.detach(), torch.arange(8), tau, True)[0], tau)
-    loss.sum().backward()
-    assert torch.isfinite(q.grad).all() and torch.isfinite(c.grad).all()
-
-
-def test_all_equal_scores():
-    # Identical candidates: every score ties, so the loss is log N exactly and the gradient w.r.t. tau is 0.
-    c = torch.ones(7, 4, requires_grad=True)
-    tau = torch.tensor(0.05, requires_grad=True)
-    loss = infonce_loss(torch.randn(3, 4), c, temperature=tau, reduction="none")
-    assert torch.allclose(loss, torch.full((3,), torch.log(torch.tensor(7.0)).item()), rtol=1e-6)
-    loss.sum().backward()
-    assert abs(tau.grad.item()) < 1e-3
-
-
-def test_zero_rows():
-    # A zero vector normalises to zero (eps 1e-12), as F.normalize does: all its scores are 0.
-    q, c = torch.zeros(2, 4), torch.randn(5, 4)
-    assert_loss_close(infonce_loss(q, c, reduction="none"), naive_infonce(q, c, torch.arange(2), 0.05)[0], 0.05)
-
-
-def test_non_contiguous_inputs_and_determinism():
-    base_q, base_c = torch.randn(9, 32), torch.randn(40, 2 * 16)
-    q, c = base_q[:, ::2], base_c[::2, 1::2]  # strided views
-    fn = torch.tensor([[3, -1]] * 9)
-    fn[3, 0] = -1
-
-    def run(q, c):
-        q, c = q.detach().requires_grad_(), c.detach().requires_grad_()
-        tau = torch.tensor(0.05, requires_grad=True)
-        loss, lse = infonce_loss(q, c, temperature=tau, symmetric=True, false_negatives=fn, return_lse=True)
-        grads = torch.autograd.grad(loss + lse.sum(), (q, c, tau))
-        return (loss, lse) + grads
-
-    first, second, contiguous = run(q, c), run(q, c), run(q.contiguous(), c.contiguous())
-    for a, b, e in zip(first, second, contiguous):
-        assert torch.equal(a, b), "two runs must be bitwise equal"
-        # The row norms may reduce in another order for strided rows: equal up to fp32 rounding.
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
-
-
-def test_every_option_non_default():
-    q, c, _, dense_labels, fn, (w, _) = make_case((6, 15, 12), torch.bfloat16, True, True, seed=3)
-    tau = torch.tensor(0.02, requires_grad=True)
-    loss, lse = infonce_loss(
-        q, c, temperature=tau, symmetric=True, false_negatives=fn, reduction="sum", return_lse=True, backend="torch"
-    )
-    ref_loss, ref_lse = naive_infonce(q, c, dense_labels, 0.02, True, fn)
-    # The sum adds up 6 rows' errors.
-    torch.testing.assert_close(loss.double(), ref_loss.sum(), rtol=LOSS_RTOL, atol=6 * LOSS_ATOL_TAU / 0.02)
-    assert_loss_close(lse, ref_lse, 0.02, "lse")
-
-
-def test_false_negatives_transposed_in_reverse_direction():
-    # Row 0 lists candidate 1: pair (0, 1) leaves query 0's softmax and candidate 1's softmax.
-    q, c = torch.randn(3, 8), torch.randn(3, 8)
-    fn = torch.tensor([[1], [-1], [-1]])
-    loss = infonce_loss(q, c, temperature=0.1, symmetric=True, false_negatives=fn, reduction="none")
-    z = F.normalize(q.double(), dim=1) @ F.normalize(c.double(), dim=1).T / 0.1
-    forward = torch.stack([z[0, [0, 2]].logsumexp(0), z[1].logsumexp(0), z[2].logsumexp(0)]) - z.diagonal()
-    reverse = torch.stack([z[:, 0].logsumexp(0), z[[1, 2], 1].logsumexp(0), z[:, 2].logsumexp(0)]) - z.diagonal()
-    assert_loss_close(loss, (forward + reverse) / 2, 0.1)
-
-
-OPCHECK_CASES = {
-    "plain": dict(shape=(5, 9, 8), symmetric=False, fn=False, dtype=torch.float32),
-    "symmetric-fn": dict(shape=(5, 9, 8), symmetric=True, fn=True, dtype=torch.float32),
-    "labels-fn-bf16": dict(shape=(4, 2050, 3), symmetric=False, fn=True, dtype=torch.bfloat16),
-}
-
-
-@pytest.mark.parametrize("case", OPCHECK_CASES.values(), ids=OPCHECK_CASES.keys())
-def test_opcheck(case):
-    q, c, _, labels, fn, _ = make_case(case["shape"], case["dtype"], case["symmetric"], case["fn"])
-    tau = torch.tensor(0.07, requires_grad=True)
-    args = (q.requires_grad_(), c.requires_grad_(), labels, tau, case["symmetric"], fn)
-    torch.library.opcheck(torch.ops.elva.infonce_loss_torch.default, args)
-
-
-def test_torch_compile_fullgraph():
-    q, c, _, _, fn, _ = make_case((6, 14, 16), torch.float32, True, True)
-
-    def loss_fn(q, c, tau, fn):
-        loss, lse = infonce_loss(q, c, temperature=tau, symmetric=True, false_negatives=fn, return_lse=True)
-        return loss + lse.mean()
-
-    def run(fn_to_run):
-        qq, cc = q.clone().requires_grad_(), c.clone().requires_grad_()
-        tau = torch.tensor(0.05, requires_grad=True)
-        out = fn_to_run(qq, cc, tau, fn)
-        return (out,) + torch.autograd.grad(out, (qq, cc, tau))
-
-    torch._dynamo.reset()
-    compiled = run(torch.compile(loss_fn, fullgraph=True))
-    for got, expected in zip(compiled, run(loss_fn)):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-    default = torch.compile(lambda q, c: infonce_loss(q, c), fullgraph=True)
-    torch.testing.assert_close(default(q, c), infonce_loss(q, c))
 
 
 def _inputs(**overrides):
@@ -333,7 +448,7 @@ BAD_INPUTS = {
     "return-lse-not-bool": (_inputs(return_lse="yes"), TypeError, "return_lse"),
     "reduction": (_inputs(reduction="avg"), ValueError, "reduction"),
     "backend-unknown": (_inputs(backend="fastest"), ValueError, "backend"),
-    "backend-not-yet": (_inputs(backend="cuda"), ValueError, "cuda"),
+    "backend-cuda-on-cpu-tensors": (_inputs(backend="cuda"), ValueError, "cuda"),
     "group-without-distributed": (_inputs(group=object()), ValueError, "group"),
 }
 
@@ -344,65 +459,7 @@ def test_bad_input_names_the_argument(kwargs, error, name):
         infonce_loss(kwargs.pop("queries"), kwargs.pop("candidates"), **kwargs)
 
 
-def test_registered_op_checks_symmetric_labels():
-    # Called directly, the op still refuses symmetric with labels other than arange(B).
-    q, c = torch.randn(3, 4), torch.randn(5, 4)
-    with pytest.raises(ValueError, match="labels"):
-        torch.ops.elva.infonce_loss_torch(q, c, torch.tensor([1, 0, 2]), torch.tensor(0.05), True, None)
-
-
-class LargestOutput(TorchDispatchMode):
-    """Records the largest numel among the outputs of every op run under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel, self.op = 0, None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.numel() > self.numel:
-                self.numel, self.op = t.numel(), func
-        return out
-
-
-def test_memory_is_linear(monkeypatch):
-    # A small tile makes B * N dominate at a size that runs in a second; the bound is then
-    # the docstring's: a few tiles, or the (B + N) x d embeddings and gradients.
-    monkeypatch.setattr(_common, "TILE_ELEMENTS", 1 << 18)
-    # Tiles this small gain nothing from intra-op threads, and on a busy machine their
-    # contention made this test 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _check_memory_is_linear()
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _check_memory_is_linear():
-    num_queries, num_candidates, d = 64, 200_000, 8
-    q = torch.randn(num_queries, d, requires_grad=True)
-    c = torch.randn(num_candidates, d, requires_grad=True)
-    tau = torch.tensor(0.05, requires_grad=True)
-    labels = torch.arange(num_queries)
-    fn = torch.randint(num_queries, num_candidates, (num_queries, 4))
-    bound = max(4 * _common.TILE_ELEMENTS, (num_queries + num_candidates) * d)
-    assert bound * 4 < num_queries * num_candidates
-
-    inputs = q.detach(), c.detach(), labels, tau.detach(), True, fn
-    with LargestOutput() as forward:
-        reference_infonce_loss(*inputs)
-    assert forward.numel <= bound, f"forward allocated {forward.numel} elements in {forward.op}"
-
-    loss, lse = torch.ops.elva.infonce_loss_torch(q, c, labels, tau, True, fn)
-    with LargestOutput() as backward:
-        torch.autograd.grad(loss.sum() + lse.sum(), (q, c, tau))
-    assert backward.op is not None, "the backward ran outside the recording mode"
-    assert backward.numel <= bound, f"backward allocated {backward.numel} elements in {backward.op}"
-
-
-# ---- torch.distributed: 2 gloo processes against one process on the concatenated batch ----
+# ---- torch.distributed: 2 gloo processes against one process on the concatenated batch --------------------------
 
 
 def _distributed_cases():

@@ -1,13 +1,14 @@
-"""No hidden B x N memory: no backend allocates a buffer that grows with B * N, the reference ops allocate tiles
-(counted op by op), and the C++ backend keeps to its documented buffers."""
+"""No hidden B x N memory: no backend allocates a buffer that grows with B * N (retrieval ops, and InfoNCE forward and
+backward), the reference ops allocate tiles (counted op by op), and the C++ backend keeps to its documented buffers."""
 import ctypes
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from elva_kernels import rank_statistics, similarity_topk
+from elva_kernels import infonce_loss, rank_statistics, similarity_topk
 from elva_kernels.reference import _common
+from elva_kernels.reference.infonce_loss import infonce_loss as reference_infonce_loss
 from elva_kernels.reference.mine_hard_negatives import mine_hard_negatives as reference_mine_hard_negatives
 from elva_kernels.reference.rank_statistics import rank_statistics as reference_rank_statistics
 from elva_kernels.reference.similarity_topk import similarity_topk as reference_similarity_topk
@@ -143,4 +144,46 @@ def test_cpu_backend_peak_memory_is_b_times_k_plus_tiles():
     assert grown["similarity_topk"] <= bound_mib, (
         f"similarity_topk grew peak RSS by {grown['similarity_topk']:.1f} MiB; O(B k + tile) allows {bound_mib:.0f} MiB"
         f" (a score matrix is {BATCH * POOL * 4 / 2**20:.0f} MiB)"
+    )
+
+
+def test_reference_infonce_allocates_tiles_not_score_matrices(monkeypatch):
+    """Forward and backward of the torch reference: no op returns more than a few tiles or the (B + N) x d
+    embeddings and gradients. A small tile makes B * N dominate at a size that runs in a second."""
+    monkeypatch.setattr(_common, "TILE_ELEMENTS", 1 << 18)
+    num_queries, num_candidates, d = 64, 200_000, 8
+    q = torch.randn(num_queries, d, requires_grad=True)
+    c = torch.randn(num_candidates, d, requires_grad=True)
+    tau = torch.tensor(0.05, requires_grad=True)
+    labels = torch.arange(num_queries)
+    fn = torch.randint(num_queries, num_candidates, (num_queries, 4))
+    bound = max(4 * _common.TILE_ELEMENTS, (num_queries + num_candidates) * d)
+    assert bound * 4 < num_queries * num_candidates
+    assert largest_allocation(lambda: reference_infonce_loss(q.detach(), c.detach(), labels, tau.detach(), True, fn)) <= bound
+    loss, lse = torch.ops.elva.infonce_loss_torch(q, c, labels, tau, True, fn)
+    assert largest_allocation(lambda: torch.autograd.grad(loss.sum() + lse.sum(), (q, c, tau))) <= bound
+
+
+# (B = N, d, dtype) per device: a [B, N] fp32 matrix is 1 GiB on the CPU, 4 GiB on a GPU.
+INFONCE_SIZES = {"cpu": (16384, 16, torch.float32), "cuda": (32768, 256, torch.bfloat16)}
+
+
+@pytest.mark.parametrize("op,backend,device", matrix(["infonce_loss"]))
+def test_infonce_peak_memory_does_not_grow_with_b_times_n(op, backend, device):
+    """Forward and backward, symmetric with false negatives: the peak stays far below one [B, N] fp32 matrix."""
+    size, dim, dtype = INFONCE_SIZES[device]
+    require_backend(op, backend, device, dtype)
+    q = torch.randn(size, dim, device=device, dtype=dtype, requires_grad=True)
+    c = torch.randn(size, dim, device=device, dtype=dtype, requires_grad=True)
+    fn = torch.randint(-1, size, (size, 2), device=device)
+    fn = torch.where(fn == torch.arange(size, device=device)[:, None], -1, fn)
+
+    def forward_and_backward(rows=size, false_negatives=fn):
+        infonce_loss(q[:rows], c[:rows], symmetric=True, false_negatives=false_negatives, backend=backend).backward()
+
+    forward_and_backward(64, None)  # warm-up: allocator, thread pools
+    grown_mib = peak_growth_mib(forward_and_backward, device)
+    score_matrix_mib = size * size * 4 / 2**20
+    assert grown_mib < score_matrix_mib / 8, (
+        f"peak memory grew {grown_mib:.0f} MiB; a [B, N] fp32 matrix is {score_matrix_mib:.0f} MiB"
     )

@@ -12,23 +12,14 @@ import pytest
 import torch
 
 from elva_kernels import rank_statistics, similarity_topk
-from tests.helpers import assert_close_verbose, backend_matrix, dtypes_of, ragged_size, random_rows, require_backend
+from tests.helpers import (
+    assert_close_verbose, backend_matrix, dtypes_of, on_device, ragged_size, random_rows, require_backend, runs_as,
+)
 from tests.ops import naive
 
 OP = "rank_statistics"
 METRICS = ["cosine", "dot"]
 
-
-def runs_as(backend, device):
-    """What sizes a (backend, device) pair can afford: "gpu", "interpreter" (Triton on CPU tensors, a few hundred
-    times slower than compiled kernels; its cost grows with programs x loop steps) or "cpu"."""
-    if device == "cuda":
-        return "gpu"
-    return "interpreter" if backend == "triton" else "cpu"
-
-
-def on_device(case, device):
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
 
 
 def on_cpu(stats):

@@ -30,9 +30,34 @@ split holds more than list_size of the top k, which random data practically neve
 
 Extra memory: B x S x list_size int64 keys per round plus the running B x k best, plus the
 fp32 scales (B + N). S gives about 4 programs per SM, and at least 1.5 k listed keys per query.
+
+Threshold + compaction (the main path of top-k by score, on large pools, where a backend has the kernel):
+
+1. Threshold. A stratified random sample of m candidates (fixed seed) is scored with a plain matmul; T_i is the
+   j-th best eligible (``<= max_score``) sample score of query i.
+2. Fused pass. One GEMM over all (query, candidate) tiles whose epilogue compares each fp32 score with T_i; the
+   survivors (score >= T_i, <= max_score) are appended, (score, id), to the query's buffer of capacity C, and
+   counted even past C.
+3. Select. Excluded ids leave the buffer; the exact top-k of the rest under SPEC's total order.
+
+Exactness: if query i has at least k eligible survivors, its true k-th best eligible score s_k is >= T_i (k
+eligible candidates score at least T_i), so every candidate of its true top k, ties at s_k included, survived. If
+none was dropped for want of room (count <= C), the buffer holds them all and step 3 is exact. T_i is only a
+bound: it need not equal any kernel score, so the sample may be scored by another matmul.
+
+Fallbacks, per query and counted in ``FALLBACKS``: overflow (count > C) raises T_i to the k-th best eligible
+buffered score (a valid bound by the same argument) and reruns those queries, twice at most; underflow (fewer
+than k eligible survivors: exclusions, max_score, too high a T_i) and a third overflow take the exact path above.
+m, j and C make both rare on any data: j is the least with P(Poisson(m k / N) >= j) <= MISS (the sample holds j
+of the true top k), C the least with P(Poisson(m C / N) < j) <= MISS (the sample holds fewer than j of the best
+C); with k = 10, N = 1M: m 8192, j 5, C 4096; k = 1000: m 16384, j 44, C 6144.
+
+Extra memory of the threshold path: queries go in equal passes of whole 128-query tiles whose buffers, C x (4 + 4)
+bytes per query, take about ``BUFFER_BYTES``; the sample scores take chunk x ``SAMPLE_PIECE`` fp32 and the sampled rows ``SAMPLE_PIECE`` x d.
 """
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,25 +81,47 @@ QUERY_BLOCK = 64
 LISTED_PER_K = 1.5
 
 
+# The threshold path: sample sizes for k <= 100 and larger k; a pool under MIN_POOL_PER_SAMPLE x m takes the
+# exact path. MISS bounds each fallback's chance per query on any data.
+SAMPLE_SIZES = (8192, 16384)
+MIN_POOL_PER_SAMPLE = 8
+MAX_CAPACITY_FRACTION = 0.25  # a buffer for more of the pool than this: the exact path is as cheap
+MISS = 1e-8
+BUFFER_BYTES = 32 * 2**20
+SAMPLE_PIECE = 4096
+CAPACITY_QUANTUM = 256
+OVERFLOW_ROUNDS = 2
+# Queries that left the threshold path since import: {"overflow": reruns, "exact": exact-path queries}.
+FALLBACKS: collections.Counter = collections.Counter()
+
+
 @dataclass(frozen=True)
 class Kernels:
-    """One backend's three building blocks, with the signatures of ``_library.KERNEL_SIGNATURES``."""
+    """One backend's building blocks, with the signatures of ``_library.KERNEL_SIGNATURES``; ``threshold_topk``
+    (the threshold pass, ``triton.similarity_topk.threshold_topk``'s signature) is None where a backend has none."""
 
     split_topk: Callable
     pair_scores: Callable
     split_rank_counts: Callable
+    threshold_topk: Callable | None = None
 
 
-def scales(x: torch.Tensor, metric: str, *, chunk_elements: int = 1 << 22) -> torch.Tensor:
-    """fp32 [n] score scales: 1 for "dot", 1 / max(||row||, eps) for "cosine" (row chunks: no fp32 copy of x)."""
+@dataclass(frozen=True)
+class ThresholdPlan:
+    """m sampled candidates, the threshold's rank j among them, the buffer capacity C, queries per pass."""
+
+    sample: int
+    rank: int
+    capacity: int
+    rows: int
+
+
+def scales(x: torch.Tensor, metric: str) -> torch.Tensor:
+    """fp32 [n] score scales: 1 for "dot", 1 / max(||row||, eps) for "cosine". Three launches whatever n: the norm
+    reduces in fp32 without an fp32 copy of x."""
     if metric == "dot":
         return torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
-    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    step = max(1, chunk_elements // max(x.shape[1], 1))
-    for start in range(0, x.shape[0], step):
-        rows = x[start : start + step].float()
-        out[start : start + step] = torch.linalg.vector_norm(rows, dim=1).clamp_min(_common.NORM_EPS).reciprocal()
-    return out
+    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(_common.NORM_EPS).reciprocal()
 
 
 def unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +148,7 @@ def decode_ids(keys: torch.Tensor) -> torch.Tensor:
     return torch.where(keys >= REAL_KEY_MIN, LOW_WORD - (keys & LOW_WORD), -1)
 
 
-def _multiprocessors(device: torch.device) -> int:
+def multiprocessor_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -114,12 +161,118 @@ def plan(num_queries: int, num_candidates: int, k: int, device: torch.device | N
     list_size = 16 if k <= 16 else LIST_MAX  # two list sizes: two compiled variants per dtype
     row_blocks = math.ceil(num_queries / QUERY_BLOCK)
     if multiprocessors is None:
-        multiprocessors = _multiprocessors(device)
+        multiprocessors = multiprocessor_count(device)
     splits = math.ceil(4 * multiprocessors / row_blocks)  # about 4 programs per SM
     if k > list_size:
         splits = max(splits, math.ceil(LISTED_PER_K * k / list_size))
     split_size = math.ceil(math.ceil(num_candidates / splits) / SPLIT_QUANTUM) * SPLIT_QUANTUM
     return split_size, list_size
+
+
+def _poisson_tail_at_least(mean: float, count: int) -> float:
+    """P(Poisson(mean) >= count)."""
+    below = sum(math.exp(i * math.log(mean) - mean - math.lgamma(i + 1)) for i in range(count)) if mean > 0 else 1.0
+    return max(0.0, 1.0 - below)
+
+
+def threshold_plan(num_queries: int, num_candidates: int, k: int) -> ThresholdPlan | None:
+    """m, j, C and the queries per pass for top-k of ``num_candidates`` (module docstring); None when the pool is
+    too small for the threshold to pay off."""
+    sample = SAMPLE_SIZES[0] if k <= 100 else SAMPLE_SIZES[1]
+    if num_candidates < MIN_POOL_PER_SAMPLE * sample:
+        return None
+    in_top_k = sample * k / num_candidates  # expected sampled members of the true top k
+    rank, below = 1, math.exp(-in_top_k)  # below = P(Poisson(in_top_k) < rank)
+    while 1.0 - below > MISS:
+        below += math.exp(rank * math.log(in_top_k) - in_top_k - math.lgamma(rank + 1))
+        rank += 1
+    low, high = float(rank), float(rank) + 20 * math.sqrt(rank) + 40  # mean sampled members of the best C
+    while high - low > 0.01:
+        middle = (low + high) / 2
+        low, high = (middle, high) if 1.0 - _poisson_tail_at_least(middle, rank) > MISS else (low, middle)
+    capacity = math.ceil(high * num_candidates / sample / CAPACITY_QUANTUM) * CAPACITY_QUANTUM
+    capacity = max(capacity, math.ceil(k / CAPACITY_QUANTUM) * CAPACITY_QUANTUM)
+    if capacity > MAX_CAPACITY_FRACTION * num_candidates:
+        return None
+    # Equal passes of whole 128-query tiles, each with about BUFFER_BYTES of buffers at most.
+    passes = math.ceil(num_queries / max(1, BUFFER_BYTES // (capacity * 8)))
+    rows = min(num_queries, math.ceil(math.ceil(num_queries / passes) / SPLIT_QUANTUM) * SPLIT_QUANTUM)
+    return ThresholdPlan(sample, rank, capacity, rows)
+
+
+def sample_thresholds(queries, candidates, query_scale, candidate_scale, max_score, plan: ThresholdPlan):
+    """fp32 [B]: the plan's j-th best eligible score over a stratified sample of the candidates (fixed seed)."""
+    num_candidates, device = candidates.shape[0], queries.device
+    strata = torch.arange(plan.sample + 1) * num_candidates // plan.sample
+    offsets = torch.rand(plan.sample, generator=torch.Generator().manual_seed(0)) * (strata[1:] - strata[:-1])
+    ids = (strata[:-1] + offsets.long()).to(device)
+    best = torch.empty((queries.shape[0], 0), dtype=torch.float32, device=device)
+    for start in range(0, plan.sample, SAMPLE_PIECE):
+        piece = ids[start : start + SAMPLE_PIECE]
+        scores = (queries @ candidates[piece].T).float() * query_scale[:, None] * candidate_scale[piece][None, :]
+        if max_score is not None:
+            scores = scores.masked_fill(scores > max_score[:, None], float("-inf"))
+        merged = torch.cat([best, scores], 1)
+        best = torch.topk(merged, min(plan.rank, merged.shape[1]), dim=1).values
+    return best[:, plan.rank - 1]
+
+
+def _threshold_pass(kernels: Kernels, queries, candidates, query_scale, candidate_scale, exclude, max_score,
+                    threshold, capacity: int, k: int, input_names):
+    """One fused pass and the select: (top keys [b, k], eligible survivors [b] held, overflowed [b] bool)."""
+    count, scores, ids, nonfinite = kernels.threshold_topk(queries, candidates, query_scale, candidate_scale,
+                                                           threshold, max_score, capacity)
+    if nonfinite.item():
+        raise_nonfinite(**dict(zip(input_names, (queries, candidates))))
+    held = torch.arange(capacity, device=queries.device)[None, :] < count.clamp_max(capacity)[:, None].long()
+    ids = ids.long()
+    if exclude is not None:
+        for column in range(exclude.shape[1]):
+            held &= ids != exclude[:, column : column + 1]
+    keys = torch.where(held, score_keys(scores.masked_fill(~held, 0.0), ids.masked_fill(~held, 0)), KEY_MIN)
+    return torch.topk(keys, k, dim=1).values, held.sum(1), count > capacity
+
+
+def threshold_top_keys(kernels: Kernels, queries, candidates, query_scale, candidate_scale, exclude, max_score,
+                       k: int, *, input_names=("queries", "candidates")) -> torch.Tensor:
+    """int64 [B, k] like ``exact_top_keys`` (key mode 0): by the threshold path where it applies (module docstring),
+    with its fallbacks; otherwise, or without the kernel, by the exact path."""
+    num_queries = queries.shape[0]
+    plan = threshold_plan(num_queries, candidates.shape[0], k)
+    if plan is None or kernels.threshold_topk is None:
+        return exact_top_keys(kernels, queries, candidates, query_scale, candidate_scale, exclude, max_score, k,
+                              input_names=input_names)
+    out = torch.empty((num_queries, k), dtype=torch.int64, device=queries.device)
+
+    def rows_of(x, rows):
+        return None if x is None else x[rows]
+
+    for start in range(0, num_queries, plan.rows):
+        rows = torch.arange(start, min(start + plan.rows, num_queries), device=queries.device)
+        threshold = sample_thresholds(queries[rows], candidates, query_scale[rows], candidate_scale,
+                                      rows_of(max_score, rows), plan)
+        exact_rows = []
+        for round_number in range(OVERFLOW_ROUNDS + 1):
+            keys, eligible, overflowed = _threshold_pass(
+                kernels, queries[rows], candidates, query_scale[rows], candidate_scale, rows_of(exclude, rows),
+                rows_of(max_score, rows), threshold, plan.capacity, k, input_names)
+            done = ~overflowed & (eligible >= k)
+            out[rows[done]] = keys[done]
+            # An overflowed buffer with k eligible scores bounds the k-th best from below: go again above it.
+            again = overflowed & (eligible >= k) & (round_number < OVERFLOW_ROUNDS)
+            exact_rows.append(rows[~done & ~again])
+            if not bool(again.any()):
+                break
+            FALLBACKS["overflow"] += int(again.sum())
+            threshold = decode(keys[again, k - 1])[0]
+            rows = rows[again]
+        exact = torch.cat(exact_rows)
+        if exact.numel():
+            FALLBACKS["exact"] += exact.numel()
+            out[exact] = exact_top_keys(kernels, queries[exact], candidates, query_scale[exact], candidate_scale,
+                                        rows_of(exclude, exact), rows_of(max_score, exact), k,
+                                        input_names=input_names)
+    return out
 
 
 def raise_nonfinite(**inputs: torch.Tensor) -> None:
@@ -165,8 +318,8 @@ def similarity_topk(kernels: Kernels, queries, candidates, k, metric, exclude, m
     if exclude is not None:
         _validate.ids_in_range("exclude", exclude, candidates.shape[0])
         exclude = exclude.contiguous()
-    keys = exact_top_keys(kernels, queries, candidates, scales(queries, metric), scales(candidates, metric), exclude,
-                          max_score, k)
+    keys = threshold_top_keys(kernels, queries, candidates, scales(queries, metric), scales(candidates, metric),
+                              exclude, max_score, k)
     return decode(keys)
 
 
@@ -204,8 +357,12 @@ def mine_hard_negatives(kernels: Kernels, query_emb, pool_emb, positives, n_hard
         _validate.finite("pool_emb", pool_emb)
 
     def top_ids(count: int, key_mode: int) -> torch.Tensor:
-        keys = exact_top_keys(kernels, query_emb, pool_emb, query_scale, candidate_scale, positives, max_score,
-                              min(count, num_candidates), key_mode=key_mode, seed=seed, input_names=names)
+        if key_mode == 0:
+            keys = threshold_top_keys(kernels, query_emb, pool_emb, query_scale, candidate_scale, positives,
+                                      max_score, min(count, num_candidates), input_names=names)
+        else:
+            keys = exact_top_keys(kernels, query_emb, pool_emb, query_scale, candidate_scale, positives, max_score,
+                                  min(count, num_candidates), key_mode=1, seed=seed, input_names=names)
         ids = decode_ids(keys)
         return torch.nn.functional.pad(ids, (0, count - ids.shape[1]), value=-1)
 
@@ -225,7 +382,8 @@ def _triton_kernels() -> Kernels | None:
         from elva_kernels.triton import rank_statistics, similarity_topk
     except ImportError:  # no triton: the dispatcher gives the reason
         return None
-    return Kernels(similarity_topk.split_topk, rank_statistics.pair_scores, rank_statistics.split_rank_counts)
+    return Kernels(similarity_topk.split_topk, rank_statistics.pair_scores, rank_statistics.split_rank_counts,
+                   similarity_topk.threshold_topk)
 
 
 def _cuda_kernels() -> Kernels | None:

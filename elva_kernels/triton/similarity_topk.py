@@ -1,4 +1,12 @@
-"""Triton kernel: per-(query, split) top lists of similarity keys, the one pass of similarity_topk.
+"""Triton kernels of similarity_topk: the threshold pass (the main path) and per-split top lists (the exact path).
+
+threshold_topk_kernel is a persistent GEMM over 128 x 128 score tiles (8 warps, a pipelined K loop) whose epilogue
+is one fp32 compare per score against the query's threshold (``_split_select``'s docstring says where it comes
+from and why the result is exact). Only the rare survivors take the append branch: an atomic slot in the query's
+buffer and two stores. Query tiles run fastest, so the programs in flight share a few candidate tiles and each
+candidate row is read from HBM about once.
+
+split_topk_kernel, the exact path for small pools, fallback rows and mining's random keys:
 
 A program owns BLOCK_M queries and one split of the candidates. It walks the split in BLOCK_N
 candidate tiles: a tl.dot score tile (fp32 accumulation), its keys (``_split_select``'s
@@ -33,12 +41,14 @@ NUM_WARPS, NUM_STAGES = 4, 3
 def _score_tile(
     q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, rows, cols, row_ok, col_ok, dim, stride_q, stride_c,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_K: tl.constexpr = False,
 ):
-    """fp32 scores [BLOCK_M, BLOCK_N] of query ``rows`` x candidate ``cols`` (int64 ids), scaled."""
+    """fp32 scores [BLOCK_M, BLOCK_N] of query ``rows`` x candidate ``cols`` (int64 ids), scaled. ``EVEN_K``:
+    dim is a multiple of BLOCK_K, so the K steps need no mask."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, dim, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = kk < dim
+        k_ok = (kk < dim) | EVEN_K
         a = tl.load(q_ptr + rows[:, None] * stride_q + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(c_ptr + cols[None, :] * stride_c + kk[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         if UPCAST:  # bf16 arithmetic is wrong in the interpreter: fp32 holds bf16 products exactly
@@ -171,6 +181,49 @@ def split_topk_kernel(
     tl.atomic_max(nonfinite_ptr, 1, mask=tl.max(tl.max(bad, axis=1), axis=0) > 0)
 
 
+@triton.jit
+def threshold_topk_kernel(
+    q_ptr, c_ptr, q_scale_ptr, c_scale_ptr,  # rows (fp32/fp16/bf16) and their fp32 scales
+    threshold_ptr,  # fp32 [B]: a score survives when >= its query's threshold
+    max_score_ptr,  # fp32 [B] (HAS_MAX_SCORE): ... and <= max_score
+    count_ptr,  # int32 [B], zeroed: survivors per query, also those past the capacity (overflow)
+    score_out_ptr, id_out_ptr,  # fp32 / int32 [B, capacity]: the survivors, in arrival order
+    nonfinite_ptr,  # int32 [1], set to 1 on a NaN/Inf score
+    num_queries, num_candidates, dim, stride_q, stride_c, capacity, num_programs,
+    HAS_MAX_SCORE: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    row_tiles = tl.cdiv(num_queries, BLOCK_M)
+    tiles = row_tiles * tl.cdiv(num_candidates, BLOCK_N)
+    bad = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for tile in tl.range(tl.program_id(0), tiles, num_programs):
+        # Query tiles fastest: the programs in flight work on a few candidate tiles at a time. Ids fit 32 bits
+        # (B, N < 2**31); only the addresses are 64-bit.
+        rows = (tile % row_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = (tile // row_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < num_queries
+        col_ok = cols < num_candidates
+        scores = _score_tile(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, rows.to(tl.int64), cols.to(tl.int64), row_ok,
+                             col_ok, dim, stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, EVEN_K)
+        threshold = tl.load(threshold_ptr + rows, mask=row_ok, other=float("inf"))  # padded rows never survive
+        survives = (scores >= threshold[:, None]) & col_ok[None, :]
+        if HAS_MAX_SCORE:
+            survives = survives & (scores <= tl.load(max_score_ptr + rows, mask=row_ok, other=0.0)[:, None])
+        odd = ~(tl.abs(scores) <= 3.4028234663852886e38)  # NaN or +-Inf (padding scores 0)
+        if tl.max(tl.max((survives | odd).to(tl.int32), axis=1), axis=0) > 0:  # the rare branch
+            bad = bad | tl.max(odd.to(tl.int32), axis=1)
+            # Flattened: Triton 3.9 cannot lower an atomic on the MMA layout (RemoveLayoutConversions asserts).
+            # Offsets are 32-bit: a pass holds fewer than 2**31 buffer slots (_split_select.BUFFER_BYTES).
+            flat = tl.reshape(survives, [BLOCK_M * BLOCK_N])
+            flat_rows = tl.reshape(rows[:, None] + cols[None, :] * 0, [BLOCK_M * BLOCK_N])
+            slot = tl.atomic_add(count_ptr + flat_rows, 1, mask=flat, sem="relaxed")
+            stored = flat & (slot < capacity)
+            out = flat_rows * capacity + slot
+            tl.store(score_out_ptr + out, tl.reshape(scores, [BLOCK_M * BLOCK_N]), mask=stored)
+            tl.store(id_out_ptr + out, tl.reshape(cols[None, :] + rows[:, None] * 0, [BLOCK_M * BLOCK_N]), mask=stored)
+    tl.atomic_max(nonfinite_ptr, 1, mask=tl.max(bad, axis=0) > 0)
+
+
 def upcast_for(dtype: torch.dtype, device: torch.device) -> bool:
     """bf16 tl.dot is broken in the interpreter (CPU tensors); upcast after the load there."""
     return dtype == torch.bfloat16 and (device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1")
@@ -195,6 +248,37 @@ def split_topk(queries, candidates, query_scale, candidate_scale, exclude, max_s
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return keys, nonfinite
+
+
+# The threshold pass, per dtype (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): 128 x 128 tiles for half rows (HGMMA
+# m64n128 per warpgroup, 4 stages: 128 KiB of shared memory); fp32 rows take exact FFMAs, whose operands need
+# registers, so a 64 x 128 x 32 tile keeps them from spilling.
+THRESHOLD_TILES = {torch.float16: (128, 128, 64, 8, 4), torch.bfloat16: (128, 128, 64, 8, 4),
+                   torch.float32: (64, 128, 32, 8, 3)}
+PROGRAMS_PER_SM = 1
+
+
+def threshold_topk(queries, candidates, query_scale, candidate_scale, threshold, max_score, capacity):
+    """Launcher of the threshold pass: (count int32 [B], scores fp32 [B, capacity], ids int32 [B, capacity],
+    nonfinite int32 [1]); slot s of row i is filled when s < min(count[i], capacity)."""
+    num_queries, num_candidates, dim = queries.shape[0], candidates.shape[0], queries.shape[1]
+    device = queries.device
+    count = torch.zeros(num_queries, dtype=torch.int32, device=device)
+    scores = torch.empty((num_queries, capacity), dtype=torch.float32, device=device)
+    ids = torch.empty((num_queries, capacity), dtype=torch.int32, device=device)
+    nonfinite = torch.zeros(1, dtype=torch.int32, device=device)
+    block_m, block_n, block_k, warps, stages = THRESHOLD_TILES[queries.dtype]
+    tiles = triton.cdiv(num_queries, block_m) * triton.cdiv(num_candidates, block_n)
+    programs = min(tiles, PROGRAMS_PER_SM * _split_select.multiprocessor_count(device))
+    threshold_topk_kernel[(programs,)](
+        queries, candidates, query_scale, candidate_scale, threshold.contiguous(),
+        max_score if max_score is not None else threshold, count, scores, ids, nonfinite,
+        num_queries, num_candidates, dim, queries.stride(0), candidates.stride(0), capacity, programs,
+        HAS_MAX_SCORE=max_score is not None, UPCAST=upcast_for(queries.dtype, device),
+        EVEN_K=dim % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages,
+    )
+    return count, scores, ids, nonfinite
 
 
 # The headline workload (B=1024, N=1M, d=1536) on an H100's 132 SMs, as _split_select plans it.
@@ -240,6 +324,41 @@ def _split_topk_case(dtype, list_size, key_mode, has_max_score, exclude_width):
     return aot.Case(split_topk_kernel, label, args, expect, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
+def _threshold_topk_case(dtype, has_max_score):
+    plan = _split_select.threshold_plan(HEADLINE_QUERIES, HEADLINE_CANDIDATES, 100)
+    rows, dim, capacity = plan.rows, HEADLINE_DIM, plan.capacity
+    element = aot.DTYPES[dtype]
+    block_m, block_n, block_k, warps, stages = THRESHOLD_TILES[element]
+    args = dict(
+        q_ptr=aot.meta(rows, dim, dtype=element), c_ptr=aot.meta(HEADLINE_CANDIDATES, dim, dtype=element),
+        q_scale_ptr=aot.meta(rows), c_scale_ptr=aot.meta(HEADLINE_CANDIDATES), threshold_ptr=aot.meta(rows),
+        max_score_ptr=aot.meta(rows), count_ptr=aot.meta(rows, dtype=torch.int32),
+        score_out_ptr=aot.meta(rows, capacity), id_out_ptr=aot.meta(rows, capacity, dtype=torch.int32),
+        nonfinite_ptr=aot.meta(1, dtype=torch.int32),
+        num_queries=rows, num_candidates=HEADLINE_CANDIDATES, dim=dim, stride_q=dim, stride_c=dim,
+        capacity=capacity, num_programs=HEADLINE_SMS * PROGRAMS_PER_SM,
+        HAS_MAX_SCORE=has_max_score, UPCAST=False, EVEN_K=dim % block_k == 0,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    on_tensor_cores = dtype != "fp32"  # fp32 rows take exact fp32 FMAs (input_precision="ieee")
+    expect = aot.Expect(
+        tensor_cores="HGMMA" if on_tensor_cores else None,
+        min_mma_n=128 if on_tensor_cores else 0,
+        async_copy=True,
+        # Outside the append branch. A plain matmul of the same 128 x 128 tiles that writes its scaled scores
+        # counts 11.6 by the same measure (the per-tile K-loop prologue and address setup); the compare, the
+        # NaN/Inf test, max_score and the tile-wide "any" add 3-5.
+        max_epilogue_per_score=17,
+        int64_compares=False,
+        known={} if on_tensor_cores else {
+            "spills": "issue 15: fp32 rows are FFMA dots (not the headline path); 16 B at 64 x 128 x 32",
+            "epilogue": "issue 15: fp32 rows are FFMA dots; their smaller tile pays the per-tile setup on fewer scores",
+        },
+    )
+    label = f"{dtype}" + (", max_score" if has_max_score else "")
+    return aot.Case(threshold_topk_kernel, label, args, expect, num_warps=warps, num_stages=stages)
+
+
 # Every variant exact_top_keys launches: key mode 0 always carries max_score (+inf when none is given);
 # mining (key mode 1) excludes its positives, one per query.
 AOT_CASES = [
@@ -248,3 +367,4 @@ AOT_CASES = [
     for list_size in (16, _split_select.LIST_MAX)
     for key_mode, has_max_score in ((0, True), (1, True), (1, False))
 ]
+AOT_CASES += [_threshold_topk_case(dtype, has_max_score) for dtype in aot.DTYPES for has_max_score in (False, True)]

@@ -9,6 +9,8 @@ selected pairs; opcheck and torch.compile. The C++ backend's kernel variants (IS
 GPU also B * N above 2**31. Case sizes follow where a backend runs: the Triton interpreter gets small ones, a GPU its
 large ones.
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -540,6 +542,142 @@ def test_opcheck_and_compile(backend, device):
 
         actual, expected = torch.compile(top, fullgraph=True)(q, c), top(q, c)
         assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1], expected[1])
+
+
+# ---- the threshold path (backends with a threshold pass) ---------------------------------------------------------
+
+
+def threshold_backends():
+    """(backend, device) pairs whose kernels have the threshold pass."""
+    from elva_kernels import _split_select
+
+    kernels = {"triton": _split_select._triton_kernels(), "cuda": _split_select._cuda_kernels()}
+    return [p for p in backend_matrix(OP) if p.values[0] in kernels and
+            (kernels[p.values[0]] is None or kernels[p.values[0]].threshold_topk is not None)]
+
+
+@pytest.fixture
+def small_sample(monkeypatch):
+    """A 256-candidate sample and no pool-size floor, so the threshold path runs at interpreter sizes; returns
+    the fallback counter, cleared."""
+    from elva_kernels import _split_select
+
+    monkeypatch.setattr(_split_select, "SAMPLE_SIZES", (256, 256))
+    monkeypatch.setattr(_split_select, "MAX_CAPACITY_FRACTION", 1.0)
+    _split_select.FALLBACKS.clear()
+    return _split_select
+
+
+# (B, N, d, k, dtype, exclude width, max_score): ragged, both half dtypes, filters that leave few eligible.
+THRESHOLD_CASES = [
+    (5, 3000, 32, 10, torch.float32, 0, None),
+    (40, 2500, 64, 50, torch.float16, 3, None),
+    (7, 5000, 33, 200, torch.float32, 4, 0.3),
+    (3, 4000, 16, 1, torch.float16, 1, -0.2),
+]
+
+
+def check_threshold_case(backend, device, gen, rows, pool, dim, k, dtype, width, max_score, *, candidates=None):
+    case = {
+        "queries": random_rows(gen, rows, dim, ties=False).to(dtype),
+        "candidates": (random_rows(gen, pool, dim, ties=True) if candidates is None else candidates).to(dtype),
+        "k": k, "metric": "cosine",
+        "exclude": torch.randint(-1, pool, (rows, width), generator=gen) if width else None,
+        "max_score": None if max_score is None else torch.full((rows,), max_score),
+    }
+    compare(on_cpu(run(on_device(case, device), backend)), run(case, "torch"), case, dtype)
+
+
+@pytest.mark.parametrize("backend,device", threshold_backends())
+def test_threshold_path_matches_reference(backend, device, small_sample):
+    require_backend(OP, backend, device, torch.float16)
+    gen = torch.Generator().manual_seed(21)
+    for rows, pool, dim, k, dtype, width, max_score in THRESHOLD_CASES:
+        assert small_sample.threshold_plan(rows, pool, k) is not None, "the case must take the threshold path"
+        check_threshold_case(backend, device, gen, rows, pool, dim, k, dtype, width, max_score)
+    # max_score = -0.2 leaves few eligible samples above the threshold: some rows may go the exact way, none wrong.
+
+
+@pytest.mark.parametrize("backend,device", threshold_backends())
+def test_threshold_overflow_reruns_and_stays_exact(backend, device, small_sample, monkeypatch):
+    """A capacity of k: almost every query overflows, is rerun above the k-th best buffered score, and some end
+    on the exact path; sorted candidates (the best at the end) and all-equal scores as well."""
+    require_backend(OP, backend, device)
+    real_plan = small_sample.threshold_plan
+    monkeypatch.setattr(small_sample, "threshold_plan", lambda b, n, k: dataclasses.replace(
+        real_plan(b, n, k), capacity=k))
+    gen = torch.Generator().manual_seed(22)
+    check_threshold_case(backend, device, gen, 6, 3000, 24, 20, torch.float32, 2, None)
+    assert small_sample.FALLBACKS["overflow"] > 0
+    query = torch.randn(1, 24, generator=gen)
+    ranked = query * torch.linspace(-1, 1, 3000)[:, None]  # cosine -1 ... 1 in id order: sorted candidates
+    check_threshold_case(backend, device, gen, 4, 3000, 24, 20, torch.float32, 0, None,
+                         candidates=ranked + 1e-3 * torch.randn(3000, 24, generator=gen))
+    values, indices = similarity_topk(torch.ones(3, 8, device=device), torch.ones(3000, 8, device=device), 20,
+                                      backend=backend)
+    assert torch.equal(indices.cpu(), torch.arange(20).expand(3, -1)), "all-equal scores: the smallest ids"
+    assert small_sample.FALLBACKS["exact"] > 0
+
+
+@pytest.mark.parametrize("backend,device", threshold_backends())
+def test_threshold_underflow_takes_the_exact_path(backend, device, small_sample):
+    """Exclusions and max_score that leave fewer than k eligible survivors, and k close to N."""
+    require_backend(OP, backend, device)
+    gen = torch.Generator().manual_seed(23)
+    rows, pool = 4, 3000
+    q = random_rows(gen, rows, 16, ties=False)
+    c = random_rows(gen, pool, 16, ties=False)
+    # Every query excludes its 300 best candidates, which hold the sampled threshold's survivors.
+    best = naive.scores(q, c).topk(300, dim=1).indices
+    case = {"queries": q, "candidates": c, "k": 25, "metric": "cosine", "exclude": best, "max_score": None}
+    compare(on_cpu(run(on_device(case, device), backend)), run(case, "torch"), case, torch.float32)
+    assert small_sample.FALLBACKS["exact"] > 0
+    small_sample.FALLBACKS.clear()
+    # max_score leaves fewer than k eligible at all: -inf / -1 tails, from the exact path.
+    case.update(exclude=None, k=100, max_score=torch.full((rows,), -0.6))
+    compare(on_cpu(run(on_device(case, device), backend)), run(case, "torch"), case, torch.float32)
+    assert small_sample.FALLBACKS["exact"] > 0
+    small_sample.FALLBACKS.clear()
+    check_threshold_case(backend, device, gen, 3, 3000, 16, 700, torch.float32, 0, None)  # a large k
+
+
+class CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the torch ops run under it (each one a launch or less on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend,device", threshold_backends())
+def test_host_work_does_not_grow_with_the_pool(backend, device, small_sample):
+    """The torch ops around the kernels (scales, sample, select, their buffers) are as many for N = 3000 as for
+    N = 24000. The backend's implementation is called directly: a mode sees no further than a registered op."""
+    require_backend(OP, backend, device)
+    kernels = small_sample._triton_kernels() if backend == "triton" else small_sample._cuda_kernels()
+    counts = []
+    for pool in (3000, 24000):
+        q, c = torch.randn(4, 16, device=device), torch.randn(pool, 16, device=device)
+        with CountOps() as ops:
+            small_sample.similarity_topk(kernels, q, c, 10, "cosine", None, None)
+        counts.append(ops.count)
+    assert small_sample.FALLBACKS["exact"] == 0 and counts[0] == counts[1] > 10, counts
+
+
+def test_threshold_plan_meets_the_miss_bound():
+    """m, j, C as the docstring derives them, for the headline sizes."""
+    from elva_kernels import _split_select
+
+    plan = _split_select.threshold_plan(1024, 1_000_000, 10)
+    assert (plan.sample, plan.rank) == (8192, 6) and 3 * 1024 <= plan.capacity <= 4096
+    plan = _split_select.threshold_plan(4096, 1_000_000, 1000)
+    assert (plan.sample, plan.rank) == (16384, 45) and 1000 <= plan.capacity <= 6144
+    assert plan.rows * plan.capacity * 8 <= _split_select.BUFFER_BYTES * 1.2
+    assert _split_select.threshold_plan(1024, 50_000, 10) is None  # too small a pool: the exact path
 
 
 # ---- the C++ backend's kernel variants ---------------------------------------------------------------------------

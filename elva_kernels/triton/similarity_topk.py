@@ -32,6 +32,8 @@ KEY_MIN = tl.constexpr(-(2**63))  # an ineligible candidate
 KEY_MAX = tl.constexpr(2**63 - 1)  # upper bound of a first round: none
 REAL_KEY_MIN = tl.constexpr(-(2**63) + 2**31)  # every real key is at least this (ids < 2**31)
 LOW_WORD = tl.constexpr(2**32 - 1)
+# Kernels run under Triton's interpreter (CPU tensors, tests); read at import, as @triton.jit does.
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 # Tile shape: wgmma-friendly on Hopper; the interpreter is faster with large blocks too.
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 64
 NUM_WARPS, NUM_STAGES = 4, 3
@@ -54,7 +56,13 @@ def _score_tile(
         if UPCAST:  # bf16 arithmetic is wrong in the interpreter: fp32 holds bf16 products exactly
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        if INTERPRETED:
+            # numpy's matmul may round a score differently by its column in the tile (BLAS edge kernels), which
+            # breaks the bitwise ties of duplicate candidates; an MMA does not. Exact fp32 products, summed in k
+            # order, are the same for every position.
+            acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+        else:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
     q_scale = tl.load(q_scale_ptr + rows, mask=row_ok, other=0.0)
     c_scale = tl.load(c_scale_ptr + cols, mask=col_ok, other=0.0)
     return (acc * q_scale[:, None]) * c_scale[None, :]

@@ -202,15 +202,21 @@ def loop_summary(instructions: list[Instruction], scores_per_thread: float | Non
                "instructions": len(instructions), "loops": len(loops), "ffma_dot_loops": len(ffma_dot_loops),
                "main_loop": None, "epilogue": None}
     if main is None:
-        return summary
-    body = body_of(main)
-    summary["main_loop"] = {name.lower(): sum(ins.base == name for ins in body)
-                            for name in ("HGMMA", "HMMA", "UTMALDG", "LDGSTS", "BAR", "FFMA")}
-    summary["main_loop"]["instructions"] = len(body)
-    enclosing = [loop for loop in loops if main[1] < loop[1]]
-    if not enclosing:
-        return summary
-    tile = enclosing[0]
+        # A kernel without a matrix product (a select over products another GEMM wrote): its largest innermost
+        # loop is the per-score loop, and all of it counts as epilogue.
+        innermost = [loop for loop in loops if not any(other[1] < loop[1] for other in loops)]
+        if not scores_per_thread or not innermost:
+            return summary
+        main, tile = (None, frozenset(), ()), max(innermost, key=lambda loop: len(loop[1]))
+    else:
+        body = body_of(main)
+        summary["main_loop"] = {name.lower(): sum(ins.base == name for ins in body)
+                                for name in ("HGMMA", "HMMA", "UTMALDG", "LDGSTS", "BAR", "FFMA")}
+        summary["main_loop"]["instructions"] = len(body)
+        enclosing = [loop for loop in loops if main[1] < loop[1]]
+        if not enclosing:
+            return summary
+        tile = enclosing[0]
     rest_blocks = tile[1] - main[1]
     rest = [ins for i in sorted(rest_blocks) for ins in blocks[i].instructions]
     nested = [loop for loop in loops if loop[1] < tile[1] and loop is not main and not loop[1] <= main[1]]

@@ -69,14 +69,24 @@ KERNEL_SIGNATURES = {
         "(Tensor queries, Tensor candidates, Tensor query_scale, Tensor candidate_scale, Tensor positives,"
         " Tensor? exclude, Tensor pos_keys, int split_size) -> (Tensor ahead, Tensor max_neg_keys, Tensor nonfinite)"
     ),
+    # The threshold pass, chunk by chunk: a matmul of chunk_columns candidates, then the select of
+    # csrc/include/elva/threshold_select.h (count int32 [B], scores fp32 [B, capacity], ids int32 [B, capacity]).
+    "threshold_topk": (
+        "(Tensor queries, Tensor candidates, Tensor query_scale, Tensor candidate_scale, Tensor threshold,"
+        " Tensor? max_score, int capacity, int chunk_columns) -> (Tensor count, Tensor scores, Tensor ids,"
+        " Tensor nonfinite)"
+    ),
 }
+# Kernels with a CPU twin: the same loop and rule, so that the CPU tests cover the CUDA design.
+CPU_TWINS = ("threshold_topk",)
 
 lib = torch.library.Library("elva", "DEF")
 for _op, _signature in SIGNATURES.items():
     for _backend in BACKENDS:
         lib.define(f"{_op}_{_backend}{_signature}")
 for _kernel, _signature in KERNEL_SIGNATURES.items():
-    lib.define(f"{_kernel}_cuda{_signature}")
+    for _device in ("cuda", "cpu") if _kernel in CPU_TWINS else ("cuda",):
+        lib.define(f"{_kernel}_{_device}{_signature}")
 
 
 def qualname(op: str, backend: str) -> str:

@@ -54,6 +54,11 @@ C); with k = 10, N = 1M: m 8192, j 5, C 4096; k = 1000: m 16384, j 44, C 6144.
 
 Extra memory of the threshold path: queries go in equal passes of whole 128-query tiles whose buffers, C x (4 + 4)
 bytes per query, take about ``BUFFER_BYTES``; the sample scores take chunk x ``SAMPLE_PIECE`` fp32 and the sampled rows ``SAMPLE_PIECE`` x d.
+
+The two fused passes: Triton's is one persistent GEMM with the compare in its epilogue (triton/similarity_topk.py).
+CUDA's is chunked (``chunked_threshold_topk``): cuBLAS writes the fp32 products of the pass's queries with a chunk
+of candidates, about ``SCORE_CHUNK_BYTES`` that stay in L2, and a select kernel applies the compare and appends
+with one atomic per warp (csrc/cuda/threshold_select.cu); its CPU twin runs the same loop and rule in the tests.
 """
 from __future__ import annotations
 
@@ -90,6 +95,9 @@ MISS = 1e-8
 BUFFER_BYTES = 32 * 2**20
 SAMPLE_PIECE = 4096
 CAPACITY_QUANTUM = 256
+# The chunked pass (CUDA): fp32 products per chunk; chunks are whole multiples of CHUNK_QUANTUM candidates.
+SCORE_CHUNK_BYTES = 32 * 2**20
+CHUNK_QUANTUM = 256
 OVERFLOW_ROUNDS = 2
 # Queries that left the threshold path since import: {"overflow": reruns, "exact": exact-path queries}.
 FALLBACKS: collections.Counter = collections.Counter()
@@ -97,8 +105,8 @@ FALLBACKS: collections.Counter = collections.Counter()
 
 @dataclass(frozen=True)
 class Kernels:
-    """One backend's building blocks, with the signatures of ``_library.KERNEL_SIGNATURES``; ``threshold_topk``
-    (the threshold pass, ``triton.similarity_topk.threshold_topk``'s signature) is None where a backend has none."""
+    """One backend's building blocks, with the signatures of ``_library.KERNEL_SIGNATURES``; ``threshold_topk`` is the
+    threshold pass with ``triton.similarity_topk.threshold_topk``'s signature (None: the exact path only)."""
 
     split_topk: Callable
     pair_scores: Callable
@@ -275,6 +283,26 @@ def threshold_top_keys(kernels: Kernels, queries, candidates, query_scale, candi
     return out
 
 
+def chunked_threshold_topk(op: Callable) -> Callable:
+    """The threshold pass with Triton's launcher signature from ``op`` (``elva::threshold_topk_{cuda,cpu}``), which
+    takes the chunk width: about ``SCORE_CHUNK_BYTES`` of fp32 products for the pass's queries."""
+
+    def threshold_topk(queries, candidates, query_scale, candidate_scale, threshold, max_score, capacity):
+        columns = SCORE_CHUNK_BYTES // (4 * max(1, queries.shape[0])) // CHUNK_QUANTUM * CHUNK_QUANTUM
+        args = (queries, candidates, query_scale, candidate_scale, threshold, max_score, capacity,
+                max(CHUNK_QUANTUM, columns))
+        if not (queries.is_cuda and queries.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32):
+            return op(*args)
+        # fp32 products must be IEEE like every other kernel's; cuBLAS reads the TF32 flag at each call.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            return op(*args)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+    return threshold_topk
+
+
 def raise_nonfinite(**inputs: torch.Tensor) -> None:
     """A kernel saw a NaN/Inf score: name the input that holds one (error path only)."""
     for name, tensor in inputs.items():
@@ -390,7 +418,8 @@ def _cuda_kernels() -> Kernels | None:
     if _native.LOAD_ERROR is not None or not _native.has_kernel("elva::split_topk_cuda", "CUDA"):
         return None
     ops = torch.ops.elva
-    return Kernels(ops.split_topk_cuda.default, ops.pair_scores_cuda.default, ops.split_rank_counts_cuda.default)
+    return Kernels(ops.split_topk_cuda.default, ops.pair_scores_cuda.default, ops.split_rank_counts_cuda.default,
+                   chunked_threshold_topk(ops.threshold_topk_cuda.default))
 
 
 def register(op: str, implementation: Callable, check_arguments: Callable) -> None:

@@ -548,22 +548,51 @@ def test_opcheck_and_compile(backend, device):
 
 
 def threshold_backends():
-    """(backend, device) pairs whose kernels have the threshold pass."""
+    """(backend, device) pairs whose kernels have the threshold pass, and "chunked" on CPU: the CUDA backend's
+    chunked pass (its chunk loop and select rule, ``threshold_topk_cpu``) with Triton's exact-path kernels."""
     from elva_kernels import _split_select
 
     kernels = {"triton": _split_select._triton_kernels(), "cuda": _split_select._cuda_kernels()}
-    return [p for p in backend_matrix(OP) if p.values[0] in kernels and
-            (kernels[p.values[0]] is None or kernels[p.values[0]].threshold_topk is not None)]
+    pairs = [p for p in backend_matrix(OP) if p.values[0] in kernels and
+             (kernels[p.values[0]] is None or kernels[p.values[0]].threshold_topk is not None)]
+    return pairs + [pytest.param("chunked", "cpu", id="chunked-cpu")]
+
+
+def threshold_kernels(backend):
+    from elva_kernels import _split_select
+
+    if backend == "chunked":
+        return dataclasses.replace(_split_select._triton_kernels(), threshold_topk=_split_select.chunked_threshold_topk(
+            torch.ops.elva.threshold_topk_cpu.default))
+    return _split_select._triton_kernels() if backend == "triton" else _split_select._cuda_kernels()
+
+
+def run_threshold(case, backend):
+    """``run`` for a threshold backend; "chunked" calls the shared implementation with its kernels directly."""
+    from elva_kernels import _split_select
+    from elva_kernels.ops.similarity_topk import check_arguments
+
+    if backend != "chunked":
+        return run(case, backend)
+    q, c = case["queries"], case["candidates"]
+    exclude, max_score, _ = check_arguments(q, c, case["k"], case["metric"], case["exclude"], case["max_score"])
+    return _split_select.similarity_topk(threshold_kernels(backend), q, c, case["k"], case["metric"], exclude,
+                                         max_score)
+
+
+def require_threshold_backend(backend, device, dtype=torch.float32):
+    require_backend(OP, "triton" if backend == "chunked" else backend, device, dtype)
 
 
 @pytest.fixture
 def small_sample(monkeypatch):
-    """A 256-candidate sample and no pool-size floor, so the threshold path runs at interpreter sizes; returns
-    the fallback counter, cleared."""
+    """A 256-candidate sample, no pool-size floor and 256-candidate chunks, so the threshold path runs at
+    interpreter sizes over several chunks; returns the module, its fallback counter cleared."""
     from elva_kernels import _split_select
 
     monkeypatch.setattr(_split_select, "SAMPLE_SIZES", (256, 256))
     monkeypatch.setattr(_split_select, "MAX_CAPACITY_FRACTION", 1.0)
+    monkeypatch.setattr(_split_select, "SCORE_CHUNK_BYTES", 0)
     _split_select.FALLBACKS.clear()
     return _split_select
 
@@ -585,12 +614,12 @@ def check_threshold_case(backend, device, gen, rows, pool, dim, k, dtype, width,
         "exclude": torch.randint(-1, pool, (rows, width), generator=gen) if width else None,
         "max_score": None if max_score is None else torch.full((rows,), max_score),
     }
-    compare(on_cpu(run(on_device(case, device), backend)), run(case, "torch"), case, dtype)
+    compare(on_cpu(run_threshold(on_device(case, device), backend)), run(case, "torch"), case, dtype)
 
 
 @pytest.mark.parametrize("backend,device", threshold_backends())
 def test_threshold_path_matches_reference(backend, device, small_sample):
-    require_backend(OP, backend, device, torch.float16)
+    require_threshold_backend(backend, device, torch.float16)
     gen = torch.Generator().manual_seed(21)
     for rows, pool, dim, k, dtype, width, max_score in THRESHOLD_CASES:
         assert small_sample.threshold_plan(rows, pool, k) is not None, "the case must take the threshold path"
@@ -602,7 +631,7 @@ def test_threshold_path_matches_reference(backend, device, small_sample):
 def test_threshold_overflow_reruns_and_stays_exact(backend, device, small_sample, monkeypatch):
     """A capacity of k: almost every query overflows, is rerun above the k-th best buffered score, and some end
     on the exact path; sorted candidates (the best at the end) and all-equal scores as well."""
-    require_backend(OP, backend, device)
+    require_threshold_backend(backend, device)
     real_plan = small_sample.threshold_plan
     monkeypatch.setattr(small_sample, "threshold_plan", lambda b, n, k: dataclasses.replace(
         real_plan(b, n, k), capacity=k))
@@ -613,8 +642,9 @@ def test_threshold_overflow_reruns_and_stays_exact(backend, device, small_sample
     ranked = query * torch.linspace(-1, 1, 3000)[:, None]  # cosine -1 ... 1 in id order: sorted candidates
     check_threshold_case(backend, device, gen, 4, 3000, 24, 20, torch.float32, 0, None,
                          candidates=ranked + 1e-3 * torch.randn(3000, 24, generator=gen))
-    values, indices = similarity_topk(torch.ones(3, 8, device=device), torch.ones(3000, 8, device=device), 20,
-                                      backend=backend)
+    same = {"queries": torch.ones(3, 8, device=device), "candidates": torch.ones(3000, 8, device=device), "k": 20,
+            "metric": "cosine", "exclude": None, "max_score": None}
+    values, indices = run_threshold(same, backend)
     assert torch.equal(indices.cpu(), torch.arange(20).expand(3, -1)), "all-equal scores: the smallest ids"
     assert small_sample.FALLBACKS["exact"] > 0
 
@@ -622,7 +652,7 @@ def test_threshold_overflow_reruns_and_stays_exact(backend, device, small_sample
 @pytest.mark.parametrize("backend,device", threshold_backends())
 def test_threshold_underflow_takes_the_exact_path(backend, device, small_sample):
     """Exclusions and max_score that leave fewer than k eligible survivors, and k close to N."""
-    require_backend(OP, backend, device)
+    require_threshold_backend(backend, device)
     gen = torch.Generator().manual_seed(23)
     rows, pool = 4, 3000
     q = random_rows(gen, rows, 16, ties=False)
@@ -630,15 +660,54 @@ def test_threshold_underflow_takes_the_exact_path(backend, device, small_sample)
     # Every query excludes its 300 best candidates, which hold the sampled threshold's survivors.
     best = naive.scores(q, c).topk(300, dim=1).indices
     case = {"queries": q, "candidates": c, "k": 25, "metric": "cosine", "exclude": best, "max_score": None}
-    compare(on_cpu(run(on_device(case, device), backend)), run(case, "torch"), case, torch.float32)
+    compare(on_cpu(run_threshold(on_device(case, device), backend)), run(case, "torch"), case, torch.float32)
     assert small_sample.FALLBACKS["exact"] > 0
     small_sample.FALLBACKS.clear()
     # max_score leaves fewer than k eligible at all: -inf / -1 tails, from the exact path.
     case.update(exclude=None, k=100, max_score=torch.full((rows,), -0.6))
-    compare(on_cpu(run(on_device(case, device), backend)), run(case, "torch"), case, torch.float32)
+    compare(on_cpu(run_threshold(on_device(case, device), backend)), run(case, "torch"), case, torch.float32)
     assert small_sample.FALLBACKS["exact"] > 0
     small_sample.FALLBACKS.clear()
     check_threshold_case(backend, device, gen, 3, 3000, 16, 700, torch.float32, 0, None)  # a large k
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_chunked_select_keeps_exactly_the_scores_at_or_above_the_threshold(device, dtype):
+    """elva::threshold_topk_{cpu,cuda} against the rule in float64: every survivor counted, the buffer holding
+    min(count, capacity) of them (on CPU the first in id order), ragged chunks, max_score, overflow, NaN/Inf."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from elva_kernels import _split_select
+
+    op = getattr(torch.ops.elva, f"threshold_topk_{device}").default
+    gen = torch.Generator().manual_seed(31)
+    for rows, pool, dim, rank, capacity, chunk, limited in [(5, 1001, 24, 30, 64, 256, False),
+                                                             (9, 777, 40, 50, 20, 4, True),
+                                                             (1, 4099, 8, 300, 512, 1024, False)]:
+        q, c = random_rows(gen, rows, dim, ties=False).to(dtype), random_rows(gen, pool, dim, ties=False).to(dtype)
+        exact = naive.scores(q, c).double()
+        ordered = exact.sort(dim=1, descending=True).values
+        threshold = ((ordered[:, rank - 1] + ordered[:, rank]) / 2).float()  # midway: no rounding decides
+        max_score = ((ordered[:, 3] + ordered[:, 4]) / 2).float() if limited else None
+        survives = exact >= threshold[:, None].double()
+        if limited:
+            survives &= exact <= max_score[:, None].double()
+        args = [x.to(device) for x in (q, c, _split_select.scales(q, "cosine"), _split_select.scales(c, "cosine"),
+                                       threshold)]
+        count, scores, ids, nonfinite = op(*args, None if max_score is None else max_score.to(device), capacity,
+                                           chunk)
+        count, scores, ids = count.cpu(), scores.cpu(), ids.cpu().long()
+        assert torch.equal(count.long(), survives.sum(1)) and nonfinite.item() == 0
+        for row in range(rows):
+            held = ids[row, : min(int(count[row]), capacity)]
+            assert survives[row, held].all() and held.unique().numel() == held.numel()
+            torch.testing.assert_close(scores[row, : held.numel()].double(), exact[row, held], atol=2e-6, rtol=2e-6)
+            if device == "cpu":
+                assert torch.equal(held, survives[row].nonzero().flatten()[:capacity]), "CPU keeps id order"
+    c[3, 0] = float("inf")
+    args = [x.to(device) for x in (q, c, _split_select.scales(q, "dot"), _split_select.scales(c, "dot"), threshold)]
+    assert op(*args, None, 4, 256)[3].item() == 1, "a NaN/Inf score sets the flag"
 
 
 class CountOps(torch.utils._python_dispatch.TorchDispatchMode):
@@ -657,8 +726,8 @@ class CountOps(torch.utils._python_dispatch.TorchDispatchMode):
 def test_host_work_does_not_grow_with_the_pool(backend, device, small_sample):
     """The torch ops around the kernels (scales, sample, select, their buffers) are as many for N = 3000 as for
     N = 24000. The backend's implementation is called directly: a mode sees no further than a registered op."""
-    require_backend(OP, backend, device)
-    kernels = small_sample._triton_kernels() if backend == "triton" else small_sample._cuda_kernels()
+    require_threshold_backend(backend, device)
+    kernels = threshold_kernels(backend)
     counts = []
     for pool in (3000, 24000):
         q, c = torch.randn(4, 16, device=device), torch.randn(pool, 16, device=device)

@@ -710,6 +710,20 @@ def test_chunked_select_keeps_exactly_the_scores_at_or_above_the_threshold(devic
     assert op(*args, None, 4, 256)[3].item() == 1, "a NaN/Inf score sets the flag"
 
 
+def test_chunked_select_refuses_bad_arguments_by_name():
+    q, c = torch.randn(3, 8), torch.randn(50, 8)
+    ones = torch.ones(3), torch.ones(50)
+    op = torch.ops.elva.threshold_topk_cpu.default
+    with pytest.raises(ValueError, match="capacity"):
+        op(q, c, *ones, torch.zeros(3), None, 0, 256)
+    with pytest.raises(ValueError, match="chunk_columns"):
+        op(q, c, *ones, torch.zeros(3), None, 4, 6)
+    with pytest.raises(ValueError, match="threshold"):
+        op(q, c, *ones, torch.zeros(4), None, 4, 256)
+    with pytest.raises(TypeError, match="candidate_scale"):
+        op(q, c, ones[0], ones[1].double(), torch.zeros(3), None, 4, 256)
+
+
 class CountOps(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the torch ops run under it (each one a launch or less on a GPU)."""
 

@@ -236,6 +236,20 @@ def loop_summary(instructions: list[Instruction], scores_per_thread: float | Non
     return summary
 
 
+def _loop_control_compare(blocks: list[Block], index: int, body, header: int) -> Instruction | None:
+    """The 64-bit compare deciding block ``index``'s branch out of the loop or back to its header, if any: the loop's
+    own counter (LLVM may widen it to 64 bits), tested once per iteration, not per score."""
+    last = blocks[index].instructions[-1]
+    targets = [j for j in blocks[index].successors if j not in body or j == header]
+    if last.base != "BRA" or not last.conditional or not targets:
+        return None
+    predicate = last.predicate.lstrip("@!")
+    for ins in reversed(blocks[index].instructions[:-1]):
+        if _is_int64_compare(ins) and ins.text.split()[1].rstrip(",") == predicate:
+            return ins
+    return None
+
+
 def _shortest_path(blocks: list[Block], tile, main_body: frozenset[int], back: set) -> tuple[int, int]:
     """Fewest instructions (and the 64-bit compares among them) on a path from the tile loop's header to one
     of its latches, counting nothing of the main loop. Back edges and edges leaving the loop are dropped, so
@@ -254,7 +268,8 @@ def _shortest_path(blocks: list[Block], tile, main_body: frozenset[int], back: s
     cost = {}
     for i in body:
         kept = [] if i in main_body else blocks[i].instructions
-        cost[i] = (len(kept), sum(_is_int64_compare(ins) for ins in kept))
+        control = _loop_control_compare(blocks, i, body, header)
+        cost[i] = (len(kept), sum(_is_int64_compare(ins) and ins is not control for ins in kept))
     best = {header: cost[header]}
     for node in reversed(order):
         if node not in best:

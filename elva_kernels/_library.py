@@ -53,7 +53,7 @@ SIGNATURES = {
 # Building blocks of the GPU backends (elva_kernels/_split_select.py drives them; the Triton launchers in
 # triton/ take the same arguments). Keys, scores and eligibility are defined in that module's docstring.
 #   split_topk: the list_size largest eligible keys of every (query, candidate split), any order.
-#   pair_scores: the score of (row, ids[row, j]) with the arithmetic of split_topk, -inf for id -1.
+#   pair_scores: the score of (row, ids[row, j]) with the arithmetic of the counting pass, -inf for id -1.
 #   split_rank_counts: per (query, split), non-positive eligible candidates whose key beats pos_keys[row],
 #     and the largest such key (or INT64_MIN).
 KERNEL_SIGNATURES = {

@@ -106,11 +106,12 @@ FALLBACKS: collections.Counter = collections.Counter()
 @dataclass(frozen=True)
 class Kernels:
     """One backend's building blocks, with the signatures of ``_library.KERNEL_SIGNATURES``; ``threshold_topk`` is the
-    threshold pass with ``triton.similarity_topk.threshold_topk``'s signature (None: the exact path only)."""
+    threshold pass with ``triton.similarity_topk.threshold_topk``'s signature (None: the exact path only);
+    ``rank_counts`` is ``triton.rank_statistics.rank_counts``'s."""
 
     split_topk: Callable
     pair_scores: Callable
-    split_rank_counts: Callable
+    rank_counts: Callable
     threshold_topk: Callable | None = None
 
 
@@ -175,6 +176,20 @@ def plan(num_queries: int, num_candidates: int, k: int, device: torch.device | N
         splits = max(splits, math.ceil(LISTED_PER_K * k / list_size))
     split_size = math.ceil(math.ceil(num_candidates / splits) / SPLIT_QUANTUM) * SPLIT_QUANTUM
     return split_size, list_size
+
+
+def split_tiles(row_tiles: int, column_tiles: int, programs_per_wave: int) -> int:
+    """Column tiles per split for a (row tile, split) grid: of the splittings that fill a wave, up to 4 waves' worth,
+    the one whose last wave is fullest (the fewest splits on a tie)."""
+    fewest = max(1, min(column_tiles, math.ceil(programs_per_wave / row_tiles)))
+    best, best_use = column_tiles, 0.0
+    for splits in range(fewest, min(column_tiles, 4 * fewest) + 1):
+        per_split = math.ceil(column_tiles / splits)
+        programs = row_tiles * math.ceil(column_tiles / per_split)
+        use = row_tiles * column_tiles / (math.ceil(programs / programs_per_wave) * programs_per_wave * per_split)
+        if use > best_use + 1e-9:
+            best, best_use = per_split, use
+    return best
 
 
 def _poisson_tail_at_least(mean: float, count: int) -> float:
@@ -303,6 +318,18 @@ def chunked_threshold_topk(op: Callable) -> Callable:
     return threshold_topk
 
 
+def summed_rank_counts(op: Callable) -> Callable:
+    """``rank_counts`` from ``op`` (``elva::split_rank_counts_cuda``): per-split counts and best keys, summed."""
+
+    def rank_counts(queries, candidates, query_scale, candidate_scale, positives, exclude, pos_keys):
+        split_size, _ = plan(queries.shape[0], candidates.shape[0], 1, queries.device)
+        ahead, max_neg_keys, nonfinite = op(queries, candidates, query_scale, candidate_scale, positives, exclude,
+                                            pos_keys, split_size)
+        return ahead.sum(1), decode(max_neg_keys.amax(1))[0], nonfinite
+
+    return rank_counts
+
+
 def raise_nonfinite(**inputs: torch.Tensor) -> None:
     """A kernel saw a NaN/Inf score: name the input that holds one (error path only)."""
     for name, tensor in inputs.items():
@@ -352,7 +379,9 @@ def similarity_topk(kernels: Kernels, queries, candidates, k, metric, exclude, m
 
 
 def rank_statistics(kernels: Kernels, queries, candidates, positives, metric, exclude):
-    """``elva::rank_statistics_{triton,cuda}``: the best positive's key, then per-split counts of negatives above it."""
+    """``elva::rank_statistics_{triton,cuda}``: the best positive's key, then the negatives ahead of it, counted by
+    one pass over the candidates (Triton's: the threshold pass's main loop with a count epilogue). Extra memory:
+    O(B x m) for the positives and B x splits partial counts and maxima."""
     check_positives(positives, candidates.shape[0])
     queries, candidates, positives = unit_stride_rows(queries), unit_stride_rows(candidates), positives.contiguous()
     if exclude is not None:
@@ -362,15 +391,11 @@ def rank_statistics(kernels: Kernels, queries, candidates, positives, metric, ex
     pos_scores = kernels.pair_scores(queries, candidates, query_scale, candidate_scale, positives)
     listed = positives >= 0
     pos_keys = torch.where(listed, score_keys(pos_scores.masked_fill(~listed, 0.0), positives), KEY_MIN).amax(1)
-    split_size, _ = plan(queries.shape[0], candidates.shape[0], 1, queries.device)
-    ahead, max_neg_keys, nonfinite = kernels.split_rank_counts(
-        queries, candidates, query_scale, candidate_scale, positives, exclude, pos_keys, split_size
-    )
+    ahead, max_neg_score, nonfinite = kernels.rank_counts(queries, candidates, query_scale, candidate_scale,
+                                                          positives, exclude, pos_keys)
     if nonfinite.item():
         raise_nonfinite(queries=queries, candidates=candidates)
-    pos_score, _ = decode(pos_keys)
-    max_neg_score, _ = decode(max_neg_keys.amax(1))
-    return ahead.sum(1) + 1, pos_score, max_neg_score
+    return ahead + 1, decode(pos_keys)[0], max_neg_score
 
 
 def mine_hard_negatives(kernels: Kernels, query_emb, pool_emb, positives, n_hard, n_random, max_score, seed):
@@ -410,7 +435,7 @@ def _triton_kernels() -> Kernels | None:
         from elva_kernels.triton import rank_statistics, similarity_topk
     except ImportError:  # no triton: the dispatcher gives the reason
         return None
-    return Kernels(similarity_topk.split_topk, rank_statistics.pair_scores, rank_statistics.split_rank_counts,
+    return Kernels(similarity_topk.split_topk, rank_statistics.pair_scores, rank_statistics.rank_counts,
                    similarity_topk.threshold_topk)
 
 
@@ -418,7 +443,8 @@ def _cuda_kernels() -> Kernels | None:
     if _native.LOAD_ERROR is not None or not _native.has_kernel("elva::split_topk_cuda", "CUDA"):
         return None
     ops = torch.ops.elva
-    return Kernels(ops.split_topk_cuda.default, ops.pair_scores_cuda.default, ops.split_rank_counts_cuda.default,
+    return Kernels(ops.split_topk_cuda.default, ops.pair_scores_cuda.default,
+                   summed_rank_counts(ops.split_rank_counts_cuda.default),
                    chunked_threshold_topk(ops.threshold_topk_cuda.default))
 
 

@@ -59,6 +59,18 @@ def dtypes_of(op: str, name: str) -> tuple[torch.dtype, ...]:
     return next(b.dtypes for b in _dispatch.backends(op) if b.name == name)
 
 
+class CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the torch ops run under it (each one a launch or less on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def ragged_size(gen: torch.Generator, low: int, high: int) -> int:
     return int(torch.randint(low, high + 1, (1,), generator=gen))
 

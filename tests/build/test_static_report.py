@@ -213,6 +213,25 @@ def test_loops_main_loop_and_shortest_epilogue_path():
     assert epilogue["per_score_shortest_path"] == 3.0 and epilogue["nested_loops"] == 0
 
 
+def test_a_64_bit_loop_counter_is_not_a_per_score_compare():
+    """LLVM may widen the tile loop's counter to 64 bits: its exit test runs once per tile and is not counted; a
+    64-bit compare on the scores' path still is."""
+    listing = sass(
+        "MOV R1, RZ",                               # 0x00  tile loop header
+        "HMMA.16816.F32 R4, R8, R12, R4",           # 0x10  main loop
+        "@P0 BRA 0x10",                             # 0x20
+        "ISETP.GE.U32.AND P1, PT, R4, R5, PT",      # 0x30  a 64-bit compare of values: counted
+        "ISETP.GE.AND.EX P1, PT, R6, R7, PT, P1",   # 0x40
+        "ISETP.NE.U32.AND P0, PT, R2, UR4, PT",     # 0x50  the loop counter's exit test: not counted
+        "ISETP.NE.U32.AND.EX P0, PT, RZ, UR5, PT, P0",  # 0x60
+        "@!P0 BRA 0x90",                            # 0x70  leaves the tile loop
+        "BRA 0x0",                                  # 0x80  tile loop latch
+        "EXIT",                                     # 0x90
+    )
+    epilogue = static_report.loop_summary(static_report.parse_sass(listing)["kernel"], scores_per_thread=1)["epilogue"]
+    assert epilogue["int64_compares_all_paths"] == 2 and epilogue["int64_compares_shortest_path"] == 1
+
+
 def test_ptxas_log_and_cuda_declarations_parse():
     stats = static_report.parse_ptxas_log(
         "ptxas info    : Compiling entry function '_Z1kPf' for 'sm_90a'\n"

@@ -16,7 +16,8 @@ import torch
 
 from elva_kernels import similarity_topk
 from tests.helpers import (
-    assert_close_verbose, backend_matrix, dtypes_of, on_device, ragged_size, random_rows, require_backend, runs_as,
+    CountOps, assert_close_verbose, backend_matrix, dtypes_of, on_device, ragged_size, random_rows, require_backend,
+    runs_as,
 )
 from tests.ops import naive
 
@@ -722,18 +723,6 @@ def test_chunked_select_refuses_bad_arguments_by_name():
         op(q, c, *ones, torch.zeros(4), None, 4, 256)
     with pytest.raises(TypeError, match="candidate_scale"):
         op(q, c, ones[0], ones[1].double(), torch.zeros(3), None, 4, 256)
-
-
-class CountOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the torch ops run under it (each one a launch or less on a GPU)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("backend,device", threshold_backends())

@@ -23,17 +23,7 @@ std::tuple<at::Tensor, at::Tensor> similarity_topk_cpu_op(const at::Tensor& quer
 
   at::Tensor exclude_ids;
   if (exclude.has_value()) exclude_ids = bindings::id_matrix(*exclude, "exclude", B, N);
-  at::Tensor limits;
-  if (max_score.has_value()) {
-    limits = *max_score;
-    TORCH_CHECK_TYPE(limits.scalar_type() == at::kFloat, "max_score must be a float32 [B] tensor; got dtype ",
-                     limits.scalar_type());
-    TORCH_CHECK_VALUE(limits.dim() == 1 && limits.size(0) == B, "max_score must be a float32 [B] tensor with B = ", B,
-                      "; got shape ", limits.sizes());
-    TORCH_CHECK_VALUE(limits.device().is_cpu(), "max_score must be on the queries' device (cpu); got ",
-                      limits.device());
-    limits = limits.contiguous();
-  }
+  const at::Tensor limits = bindings::per_query_floats(max_score, "max_score", B);
 
   const at::Tensor q = bindings::with_unit_stride_rows(queries);
   const at::Tensor c = bindings::with_unit_stride_rows(candidates);

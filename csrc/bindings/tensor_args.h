@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <optional>
 #include <string>
 
 #include "elva/common.h"
@@ -38,28 +39,44 @@ inline at::Tensor with_unit_stride_last(const at::Tensor& t) {
 }
 
 // Sizes of a (queries [B, d], candidates [N, d]) pair, checked: one float dtype, one CPU device, same d,
-// nothing empty.
+// nothing empty. The names are the op's (mining calls them query_emb and pool_emb).
 struct PoolShape {
   DType dtype;
   int64_t B, d, N;
 };
 
-inline PoolShape check_queries_and_candidates(const at::Tensor& queries, const at::Tensor& candidates) {
-  check_matrix(queries, "queries", "[B, d]");
-  check_matrix(candidates, "candidates", "[N, d] with the queries' d");
-  const DType dtype = float_dtype(queries, "queries");
-  float_dtype(candidates, "candidates");
-  TORCH_CHECK_TYPE(candidates.scalar_type() == queries.scalar_type(),
-                   "candidates must have the queries' dtype; got queries ", queries.scalar_type(), " and candidates ",
+inline PoolShape check_queries_and_candidates(const at::Tensor& queries, const at::Tensor& candidates,
+                                              const char* queries_name = "queries",
+                                              const char* candidates_name = "candidates") {
+  const std::string q_name(queries_name), c_name(candidates_name);
+  const std::string q_of = q_name + (q_name.back() == 's' ? "'" : "'s");  // "queries'", "query_emb's"
+  check_matrix(queries, queries_name, "[B, d]");
+  const std::string form = "[N, d] with " + q_of + " d";
+  check_matrix(candidates, candidates_name, form.c_str());
+  const DType dtype = float_dtype(queries, queries_name);
+  float_dtype(candidates, candidates_name);
+  TORCH_CHECK_TYPE(candidates.scalar_type() == queries.scalar_type(), c_name, " must have ", q_of,
+                   " dtype; got ", q_name, " ", queries.scalar_type(), " and ", c_name, " ",
                    candidates.scalar_type());
-  TORCH_CHECK_VALUE(candidates.device().is_cpu(), "candidates must be on the queries' device (cpu); got ",
+  TORCH_CHECK_VALUE(candidates.device().is_cpu(), c_name, " must be on ", q_of, " device (cpu); got ",
                     candidates.device());
   const int64_t B = queries.size(0), d = queries.size(1), N = candidates.size(0);
-  TORCH_CHECK_VALUE(candidates.size(1) == d, "candidates must be [N, d] with the queries' d = ", d, "; got shape ",
+  TORCH_CHECK_VALUE(candidates.size(1) == d, c_name, " must be [N, d] with ", q_of, " d = ", d, "; got shape ",
                     candidates.sizes());
-  TORCH_CHECK_VALUE(B >= 1 && d >= 1, "queries must not be empty [B, d]; got shape ", queries.sizes());
-  TORCH_CHECK_VALUE(N >= 1, "candidates must not be empty [N, d]; got shape ", candidates.sizes());
+  TORCH_CHECK_VALUE(B >= 1 && d >= 1, q_name, " must not be empty [B, d]; got shape ", queries.sizes());
+  TORCH_CHECK_VALUE(N >= 1, c_name, " must not be empty [N, d]; got shape ", candidates.sizes());
   return {dtype, B, d, N};
+}
+
+// An optional float32 [B] per-query bound (max_score): checked and contiguous, or undefined when absent.
+inline at::Tensor per_query_floats(const std::optional<at::Tensor>& values, const char* name, int64_t B) {
+  if (!values.has_value()) return {};
+  const at::Tensor& t = *values;
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be a float32 [B] tensor; got dtype ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == B, name, " must be a float32 [B] tensor with B = ", B,
+                    "; got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the queries' device (cpu); got ", t.device());
+  return t.contiguous();
 }
 
 // "cosine" -> true, "dot" -> false.

@@ -13,6 +13,7 @@ _dispatch.register(
     [
         _dispatch.Backend("triton", OP, devices=("cuda", "cpu"), limits=_split_select.limits),
         _dispatch.Backend("cuda", OP, devices=("cuda",), limits=_split_select.limits),
+        _dispatch.Backend("cpu", OP, devices=("cpu",)),
         _dispatch.Backend("torch", OP, devices=("cpu", "cuda")),
     ],
 )
@@ -48,6 +49,7 @@ def mine_hard_negatives(
 
     Extra memory:
         torch: one score tile plus O(B * (n_hard + n_random)).
+        cpu: similarity_topk's (the hard part) plus O(B * (n_hard + n_random)) for the draw.
 
     Equivalent PyTorch (materialises [B, N])::
 

@@ -1,11 +1,10 @@
 """mine_hard_negatives on every registered backend and device: the hard part is similarity_topk; the random part
-is eligible, fresh, seeded, uniform, and the same ids as the reference's. There is no C++ ``cpu`` backend (the
-README's table says so), so the matrix has no such entry."""
+is eligible, fresh, seeded, uniform, and the same ids as the reference's."""
 import pytest
 import torch
 
 from elva_kernels import mine_hard_negatives, similarity_topk
-from tests.helpers import backend_matrix, dtypes_of, random_rows, ragged_size, require_backend
+from tests.helpers import backend_matrix, dtypes_of, random_rows, ragged_size, require_backend, runs_as
 from tests.ops import naive
 
 OP = "mine_hard_negatives"
@@ -63,10 +62,12 @@ def near_tie_rows(q, c, positives, n_hard, max_score, **_):
 
 @pytest.mark.parametrize("backend,device", backend_matrix(OP))
 def test_matches_reference(backend, device):
-    """The reference's ids for every dtype, with and without max_score, over several splits. On CPU tensors (the
-    Triton interpreter) on every row; on a GPU, large and ragged, on every row without a near-tie. Seed 0 is in
-    the draw: its row 0, id 0 hashes to 0, the largest key (which is also the "no bound" key)."""
-    rows_max, pool_max, cases = (20, 300, 2) if device == "cpu" else (200, 20000, 6)
+    """The reference's ids for every dtype, with and without max_score, over several splits. Under the Triton
+    interpreter on every row; elsewhere (the C++ backend's canonical scores, a GPU's), large and ragged, on every
+    row without a near-tie. Seed 0 is in the draw: its row 0, id 0 hashes to 0, the largest key (which is also the
+    "no bound" key)."""
+    runs = runs_as(backend, device)
+    rows_max, pool_max, cases = {"interpreter": (20, 300, 2), "cpu": (100, 5000, 6), "gpu": (200, 20000, 6)}[runs]
     gen = torch.Generator().manual_seed(9)
     checked = 0
     for dtype in dtypes_of(OP, backend):
@@ -81,7 +82,7 @@ def test_matches_reference(backend, device):
             args = dict(n_hard=n_hard, n_random=n_random, max_score=max_score, seed=case)
             ours = mine_hard_negatives(q.to(device), c.to(device), positives.to(device), backend=backend, **args).cpu()
             expected = mine_hard_negatives(q, c, positives, backend="torch", **args)
-            sure = ~near_tie_rows(q, c, positives, **args) if device == "cuda" else torch.ones(rows, dtype=torch.bool)
+            sure = ~near_tie_rows(q, c, positives, **args) if runs != "interpreter" else torch.ones(rows, dtype=torch.bool)
             assert torch.equal(ours[sure], expected[sure]), f"{dtype} case {case}"
             checked += int(sure.sum())
     assert checked > 0
@@ -150,3 +151,21 @@ def test_opcheck_and_compile(backend, device):
         return mine_hard_negatives(q, p, positives, n_hard=3, n_random=3, backend=backend)
 
     assert torch.equal(torch.compile(mine, fullgraph=True)(q, pool_emb), mine(q, pool_emb))
+
+
+def test_cpu_op_called_directly_names_bad_arguments():
+    """elva::mine_hard_negatives_cpu repeats the checks of the public function, naming each argument."""
+    op = require_backend(OP, "cpu").handle
+    q, pool_emb, positives = torch.randn(3, 8), torch.randn(50, 8), torch.tensor([[0], [1], [2]])
+    with pytest.raises(ValueError, match="pool_emb must be \\[N, d\\] with query_emb's d"):
+        op(q, torch.randn(50, 7), positives, 2, 2, None, 0)
+    with pytest.raises(TypeError, match="pool_emb must have query_emb's dtype"):
+        op(q, pool_emb.half(), positives, 2, 2, None, 0)
+    with pytest.raises(ValueError, match="positives holds ids outside"):
+        op(q, pool_emb, positives + 50, 2, 2, None, 0)
+    with pytest.raises(ValueError, match="max_score must be a float32 \\[B\\] tensor with B = 3"):
+        op(q, pool_emb, positives, 2, 2, torch.zeros(4), 0)
+    with pytest.raises(ValueError, match="n_hard \\+ n_random must be >= 1"):
+        op(q, pool_emb, positives, 0, 0, None, 0)
+    with pytest.raises(ValueError, match="seed must be an int >= 0"):
+        op(q, pool_emb, positives, 1, 1, None, -1)

@@ -16,7 +16,12 @@ and the anchors' plain products give the same scores.
 
 Timing: one warm-up call, one call for memory (which also sizes the repeats), then repeats for
 about --seconds (3 to 100 of them); CUDA events on GPU, time.perf_counter on CPU. Rows report
-the median and p20/p80. L2 is not flushed between repeats: the GPU workloads are far larger.
+the median and p20/p80. On CUDA a 256 MiB buffer is zeroed before each repeat, outside its events,
+so no repeat finds the last one's operands in L2 (as triton.testing.do_bench does).
+
+The retrieval cases on CUDA add two controls beside the cuBLAS ``q @ c.T``: "triton matmul (same
+tiles)", the threshold pass's own main loop storing its scores (benchmarks/triton_matmul.py), so a
+reader can tell the main loop's efficiency from the epilogue's cost.
 Peak extra memory: on CUDA, max_memory_allocated during the call minus memory_allocated before it
 (outputs included); on CPU, the growth of the peak resident set (VmHWM after resetting it through
 /proc/self/clear_refs), which also sees faiss's native allocations.
@@ -55,6 +60,7 @@ from elva_kernels import _dispatch  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ROUNDS_MIN, ROUNDS_MAX = 3, 100
+L2_FLUSH_BYTES = 256 * 2**20  # above any GPU's L2 (H100: 50 MB, H200: 60 MB)
 CSV_COLUMNS = [
     "utc", "op", "preset", "shape", "provider", "dtype", "median_ms", "p20_ms", "p80_ms", "reps",
     "peak_extra_MiB", "memory_method", "ratio", "baseline", "note", "device", "torch", "triton", "git_sha",
@@ -134,6 +140,19 @@ def backend_providers(op: str, call: _dispatch.Call, bind: Callable[[Callable, s
     return providers
 
 
+def matmul_controls(q: torch.Tensor, c: torch.Tensor) -> list[Provider]:
+    """cuBLAS ``q @ c.T`` and, on CUDA with Triton, the same product by the fused kernels' main loop."""
+    providers = [Provider("q@c.T", lambda: q @ c.T)]
+    if q.is_cuda:
+        try:
+            from triton_matmul import plain_matmul
+        except ImportError as error:
+            providers.append(Provider("triton matmul (same tiles)", None, f"triton is not importable ({error})"))
+        else:
+            providers.append(Provider("triton matmul (same tiles)", lambda: plain_matmul(q, c)))
+    return providers
+
+
 def setup_similarity_topk(case: dict, device: str) -> Case:
     B, N, d, k, dtype = case["B"], case["N"], case["d"], case["k"], DTYPES[case["dtype"]]
     q, c = unit_rows((B, d), dtype, device, 0), unit_rows((N, d), dtype, device, 1)
@@ -141,7 +160,7 @@ def setup_similarity_topk(case: dict, device: str) -> Case:
     providers = backend_providers("similarity_topk", call, lambda f, name: lambda: f(q, c, k, backend=name))
     providers += [
         Provider("torch.topk(q@c.T)", lambda: torch.topk(q @ c.T, k)),
-        Provider("q@c.T", lambda: q @ c.T),
+        *matmul_controls(q, c),
     ]
     if device == "cpu":
         providers.append(_faiss_flat_ip(q, c, k))
@@ -174,7 +193,7 @@ def setup_rank_statistics(case: dict, device: str) -> Case:
         s = q @ c.T
         return (s > s.gather(1, positives[:, None])).sum(1)
 
-    providers += [Provider("torch (s > s[pos]).sum(1)", torch_rank), Provider("q@c.T", lambda: q @ c.T)]
+    providers += [Provider("torch (s > s[pos]).sum(1)", torch_rank), *matmul_controls(q, c)]
     return Case("rank_statistics", f"B={B} N={N} d={d}", case["dtype"], "q@c.T", providers)
 
 
@@ -345,8 +364,10 @@ def time_calls(fn: Callable[[], object], device: torch.device, estimate_s: float
     """Milliseconds of enough repeats to fill about ``seconds`` (ROUNDS_MIN to ROUNDS_MAX of them)."""
     reps = min(ROUNDS_MAX, max(ROUNDS_MIN, int(seconds / max(estimate_s, 1e-6))))
     if device.type == "cuda":
+        flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
         for start, end in events:
+            flush.zero_()
             start.record()
             fn()
             end.record()

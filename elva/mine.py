@@ -26,7 +26,7 @@ def mine_records(embedder, query_sets: Iterable[tuple[str, Sequence[MBeirQuery]]
     cache = CandidateCache(embedder, image_root, batch_size=batch_size, progress=progress)
     cache.add(pool, "pool")
     dids = list(pool)
-    pool_emb = cache.matrix(dids)
+    pool_emb = elva_kernels.Candidates(cache.matrix(dids))  # one norm pass for every query set
     for name, queries in query_sets:
         query_emb = encode_queries(embedder, queries, image_root, instructions, pool, batch_size=batch_size,
                                    desc=name, progress=progress)

@@ -5,6 +5,7 @@ serves each op on this machine and why the others cannot.
 """
 from elva_kernels import _library  # noqa: F401  (defines the schemas first)
 from elva_kernels._info import info
+from elva_kernels.candidates import Candidates
 from elva_kernels.ops.elva_rewards import ElvaRewards, elva_rewards, group_advantages
 from elva_kernels.ops.infonce_loss import infonce_loss
 from elva_kernels.ops.l2_normalize import l2_normalize
@@ -14,6 +15,7 @@ from elva_kernels.ops.sharded_similarity_topk import sharded_similarity_topk
 from elva_kernels.ops.similarity_topk import similarity_topk
 
 __all__ = [
+    "Candidates",
     "ElvaRewards",
     "RankStatistics",
     "elva_rewards",

@@ -15,15 +15,17 @@ BACKENDS = ("triton", "cuda", "cpu", "torch")
 SIGNATURES = {
     # Rows L2-normalised in fp32: the first step of every cosine op.
     "l2_normalize": "(Tensor x, float eps) -> Tensor",
-    # max_score arrives as a [B] fp32 tensor (a float is broadcast in Python).
+    # max_score arrives as a [B] fp32 tensor (a float is broadcast in Python). candidate_scale (pool_scale): the
+    # pool's fp32 [N] inverse L2 norms from an ek.Candidates handle, for cosine; backends that norm each block on
+    # the fly (cpu, torch) do not read it.
     "similarity_topk": (
-        "(Tensor queries, Tensor candidates, int k, str metric, Tensor? exclude, Tensor? max_score)"
-        " -> (Tensor values, Tensor indices)"
+        "(Tensor queries, Tensor candidates, int k, str metric, Tensor? exclude, Tensor? max_score,"
+        " Tensor? candidate_scale=None) -> (Tensor values, Tensor indices)"
     ),
     # hits, reciprocal_rank and margin are O(B) arithmetic on these, done in Python.
     "rank_statistics": (
-        "(Tensor queries, Tensor candidates, Tensor positives, str metric, Tensor? exclude)"
-        " -> (Tensor rank, Tensor pos_score, Tensor max_neg_score)"
+        "(Tensor queries, Tensor candidates, Tensor positives, str metric, Tensor? exclude,"
+        " Tensor? candidate_scale=None) -> (Tensor rank, Tensor pos_score, Tensor max_neg_score)"
     ),
     # positive_index is an int64 [B] tensor; scores is empty unless return_scores.
     "elva_rewards": (
@@ -46,7 +48,7 @@ SIGNATURES = {
     ),
     "mine_hard_negatives": (
         "(Tensor query_emb, Tensor pool_emb, Tensor positives, int n_hard, int n_random, Tensor? max_score,"
-        " int seed) -> Tensor"
+        " int seed, Tensor? pool_scale=None) -> Tensor"
     ),
 }
 

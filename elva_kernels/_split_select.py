@@ -367,18 +367,19 @@ def exact_top_keys(kernels: Kernels, queries, candidates, query_scale, candidate
         upper = torch.where(again, frontier, KEY_MIN)
 
 
-def similarity_topk(kernels: Kernels, queries, candidates, k, metric, exclude, max_score):
-    """``elva::similarity_topk_{triton,cuda}``: exact top-k from split lists."""
+def similarity_topk(kernels: Kernels, queries, candidates, k, metric, exclude, max_score, candidate_scale=None):
+    """``elva::similarity_topk_{triton,cuda}``: exact top-k by the threshold path or from split lists."""
     queries, candidates = unit_stride_rows(queries), unit_stride_rows(candidates)
     if exclude is not None:
         _validate.ids_in_range("exclude", exclude, candidates.shape[0])
         exclude = exclude.contiguous()
-    keys = threshold_top_keys(kernels, queries, candidates, scales(queries, metric), scales(candidates, metric),
-                              exclude, max_score, k)
+    candidate_scale = scales(candidates, metric) if candidate_scale is None else candidate_scale.contiguous()
+    keys = threshold_top_keys(kernels, queries, candidates, scales(queries, metric), candidate_scale, exclude,
+                              max_score, k)
     return decode(keys)
 
 
-def rank_statistics(kernels: Kernels, queries, candidates, positives, metric, exclude):
+def rank_statistics(kernels: Kernels, queries, candidates, positives, metric, exclude, candidate_scale=None):
     """``elva::rank_statistics_{triton,cuda}``: the best positive's key, then the negatives ahead of it, counted by
     one pass over the candidates (Triton's: the threshold pass's main loop with a count epilogue). Extra memory:
     O(B x m) for the positives and B x splits partial counts and maxima."""
@@ -387,7 +388,8 @@ def rank_statistics(kernels: Kernels, queries, candidates, positives, metric, ex
     if exclude is not None:
         _validate.ids_in_range("exclude", exclude, candidates.shape[0])
         exclude = exclude.contiguous()
-    query_scale, candidate_scale = scales(queries, metric), scales(candidates, metric)
+    query_scale = scales(queries, metric)
+    candidate_scale = scales(candidates, metric) if candidate_scale is None else candidate_scale.contiguous()
     pos_scores = kernels.pair_scores(queries, candidates, query_scale, candidate_scale, positives)
     listed = positives >= 0
     pos_keys = torch.where(listed, score_keys(pos_scores.masked_fill(~listed, 0.0), positives), KEY_MIN).amax(1)
@@ -398,12 +400,14 @@ def rank_statistics(kernels: Kernels, queries, candidates, positives, metric, ex
     return ahead + 1, decode(pos_keys)[0], max_neg_score
 
 
-def mine_hard_negatives(kernels: Kernels, query_emb, pool_emb, positives, n_hard, n_random, max_score, seed):
+def mine_hard_negatives(kernels: Kernels, query_emb, pool_emb, positives, n_hard, n_random, max_score, seed,
+                        pool_scale=None):
     """``elva::mine_hard_negatives_{triton,cuda}``: both parts as exact top keys (by score, by random key)."""
     check_positives(positives, pool_emb.shape[0])
     query_emb, pool_emb, positives = unit_stride_rows(query_emb), unit_stride_rows(pool_emb), positives.contiguous()
     num_queries, num_candidates = query_emb.shape[0], pool_emb.shape[0]
-    query_scale, candidate_scale = scales(query_emb, "cosine"), scales(pool_emb, "cosine")
+    query_scale = scales(query_emb, "cosine")
+    candidate_scale = scales(pool_emb, "cosine") if pool_scale is None else pool_scale.contiguous()
     names = ("query_emb", "pool_emb")
     if n_hard == 0 and max_score is None:  # no kernel computes a score, so none flags NaN/Inf
         _validate.finite("query_emb", query_emb)

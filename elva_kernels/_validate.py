@@ -91,6 +91,17 @@ def id_matrix(name: str, ids, rows: int, *, allow_1d: bool, form: str) -> torch.
     return ids if ids.dim() == 2 else ids.unsqueeze(1)
 
 
+def pool_scale(name: str, scale, rows: int, device: torch.device) -> None:
+    """A pool's cosine scales, when given: fp32 [rows] on the pool's device (a ``Candidates`` handle's)."""
+    if scale is None:
+        return
+    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or tuple(scale.shape) != (rows,):
+        got = _describe(scale) if isinstance(scale, torch.Tensor) else type(scale).__name__
+        raise ValueError(f"{name} must be a float32 [{rows}] tensor (a Candidates handle's inverse norms); got {got}")
+    if scale.device != device:
+        raise ValueError(f"{name} must be on {device} like the embeddings; got {scale.device}")
+
+
 def per_query_float(name: str, value, rows: int, device: torch.device) -> torch.Tensor | None:
     """A float or a [rows] float tensor -> a [rows] fp32 tensor (or None)."""
     if value is None:

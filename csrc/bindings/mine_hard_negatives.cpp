@@ -13,7 +13,9 @@ namespace {
 
 at::Tensor mine_hard_negatives_cpu_op(const at::Tensor& query_emb, const at::Tensor& pool_emb,
                                       const at::Tensor& positives, int64_t n_hard, int64_t n_random,
-                                      const std::optional<at::Tensor>& max_score, int64_t seed) {
+                                      const std::optional<at::Tensor>& max_score, int64_t seed,
+                                      const std::optional<at::Tensor>& /*pool_scale*/) {
+  // pool_scale (a Candidates handle's inverse norms) is not read: rows are normed as they are scored.
   TORCH_INTERNAL_ASSERT(query_emb.device().is_cpu());
   const auto [dtype, B, d, N] = bindings::check_queries_and_candidates(query_emb, pool_emb, "query_emb", "pool_emb");
   const at::Tensor positive_ids = bindings::id_matrix(positives, "positives", B, N);

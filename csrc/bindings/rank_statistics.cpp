@@ -16,7 +16,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rank_statistics_cpu_op(const at::
                                                                       const at::Tensor& candidates,
                                                                       const at::Tensor& positives,
                                                                       c10::string_view metric,
-                                                                      const std::optional<at::Tensor>& exclude) {
+                                                                      const std::optional<at::Tensor>& exclude,
+                                                                      const std::optional<at::Tensor>&
+                                                                      /*candidate_scale*/) {
+  // candidate_scale (a Candidates handle's inverse norms) is not read: each block is normed while it is in cache.
   TORCH_INTERNAL_ASSERT(queries.device().is_cpu());
   const auto [dtype, B, d, N] = bindings::check_queries_and_candidates(queries, candidates);
   const Metric metric_kind = bindings::is_cosine(metric) ? Metric::Cosine : Metric::Dot;

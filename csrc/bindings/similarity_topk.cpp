@@ -15,7 +15,9 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> similarity_topk_cpu_op(const at::Tensor& queries, const at::Tensor& candidates,
                                                           int64_t k, c10::string_view metric,
                                                           const std::optional<at::Tensor>& exclude,
-                                                          const std::optional<at::Tensor>& max_score) {
+                                                          const std::optional<at::Tensor>& max_score,
+                                                          const std::optional<at::Tensor>& /*candidate_scale*/) {
+  // candidate_scale (a Candidates handle's inverse norms) is not read: each block is normed while it is in cache.
   TORCH_INTERNAL_ASSERT(queries.device().is_cpu());
   const auto [dtype, B, d, N] = bindings::check_queries_and_candidates(queries, candidates);
   TORCH_CHECK_VALUE(k >= 1 && k <= N, "k must be an int in [1, ", N, "]; got ", k);

@@ -190,11 +190,12 @@ def positive_rows(queries: Sequence[MBeirQuery], pool_dids: Sequence[str]) -> to
     return out
 
 
-def recall_at_k(query_emb: torch.Tensor, pool_emb: torch.Tensor, positives: torch.Tensor,
-                ks: Sequence[int]) -> torch.Tensor:
+def recall_at_k(query_emb: torch.Tensor, pool_emb: torch.Tensor | elva_kernels.Candidates,
+                positives: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
     """float [len(ks)]: the fraction of queries with a positive in the top k (M-BEIR Recall@k), via A2.
 
-    ``positives`` is int64 [B, m], -1 padded; a row without a positive counts as a miss.
+    ``pool_emb`` is the pool's [N, d] embeddings or, for a pool scored many times, an ``elva_kernels.Candidates``
+    handle of them. ``positives`` is int64 [B, m], -1 padded; a row without a positive counts as a miss.
     """
     positives = positives.to(query_emb.device)
     has_positive = (positives >= 0).any(dim=1)
@@ -269,7 +270,8 @@ def evaluate_recall(embedder, sources: EvalSources, *, ks: Sequence[int] = (1, 5
     for name, pool in local_pools.items():
         cache.add(pool, desc=f"{name} pool")
     global_dids = list(global_pool)
-    global_emb = cache.matrix(global_dids)
+    # Each pool is scored by every query group: its cosine scales are computed once.
+    global_emb = elva_kernels.Candidates(cache.matrix(global_dids))
 
     rows: list[dict] = []
     all_queries: dict[str, list[MBeirQuery]] = {}
@@ -281,7 +283,7 @@ def evaluate_recall(embedder, sources: EvalSources, *, ks: Sequence[int] = (1, 5
         query_emb = encode_queries(embedder, queries, sources.image_root, instructions, candidates,
                                    batch_size=batch_size, desc=f"{query_set.name} queries", progress=progress)
         local_dids = list(local_pools[query_set.name])
-        local_emb = cache.matrix(local_dids)
+        local_emb = elva_kernels.Candidates(cache.matrix(local_dids))
         groups: dict[tuple[str, int], list[int]] = {}
         for i, query in enumerate(queries):
             groups.setdefault((query.dataset_id, query.task_id), []).append(i)

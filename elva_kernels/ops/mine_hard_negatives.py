@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from elva_kernels import _dispatch, _library, _split_select, _validate
+from elva_kernels.candidates import Candidates, unwrap
 from elva_kernels.reference.mine_hard_negatives import mine_hard_negatives as reference_mine_hard_negatives
 
 OP = "mine_hard_negatives"
@@ -21,7 +22,7 @@ _dispatch.register(
 
 def mine_hard_negatives(
     query_emb: torch.Tensor,
-    pool_emb: torch.Tensor,
+    pool_emb: torch.Tensor | Candidates,
     positives: torch.Tensor,
     *,
     n_hard: int = 50,
@@ -34,7 +35,8 @@ def mine_hard_negatives(
 
     Args:
         query_emb: [B, d] fp32/fp16/bf16.
-        pool_emb: [N, d], same dtype and device.
+        pool_emb: [N, d], same dtype and device, or an ``ek.Candidates`` handle of them (a fixed pool: its
+            scales are computed once, not per call).
         positives: int64 [B] or [B, m] ids (-1 padded), never returned.
         n_hard, n_random: how many of each (>= 0, not both 0).
         max_score: float or [B]; candidates scoring (cosine) above it are near-duplicates
@@ -57,13 +59,16 @@ def mine_hard_negatives(
         hard = top n_hard of s over eligible
         random = n_random ids of eligible - hard, chosen uniformly
     """
-    positives, max_score, device = check_arguments(query_emb, pool_emb, positives, n_hard, n_random, max_score, seed)
+    pool_emb, pool_scale = unwrap(pool_emb, "cosine")
+    positives, max_score, device = check_arguments(query_emb, pool_emb, positives, n_hard, n_random, max_score, seed,
+                                                   pool_scale)
     call = _dispatch.Call(device, query_emb.dtype, {"query_emb": tuple(query_emb.shape), "pool_emb": tuple(pool_emb.shape)})
     chosen = _dispatch.select(OP, backend, call)
-    return chosen.handle(query_emb.detach(), pool_emb.detach(), positives, n_hard, n_random, max_score, seed)
+    return chosen.handle(query_emb.detach(), pool_emb.detach(), positives, n_hard, n_random, max_score, seed,
+                         pool_scale)
 
 
-def check_arguments(query_emb, pool_emb, positives, n_hard, n_random, max_score, seed):
+def check_arguments(query_emb, pool_emb, positives, n_hard, n_random, max_score, seed, pool_scale=None):
     """The SPEC's metadata checks; returns (positives as [B, m], max_score as fp32 [B] or None, device)."""
     _validate.tensor("query_emb", query_emb, ndim=2, form="[B, d]")
     form_pool = "[N, d] with query_emb's d"
@@ -79,6 +84,7 @@ def check_arguments(query_emb, pool_emb, positives, n_hard, n_random, max_score,
     _validate.int_in_range("seed", seed, 0)
     device = _validate.same_device(query_emb=query_emb, pool_emb=pool_emb, positives=positives)
     max_score = _validate.per_query_float("max_score", max_score, num_queries, device)
+    _validate.pool_scale("pool_scale", pool_scale, pool_emb.shape[0], device)
     return positives, max_score, device
 
 
@@ -86,7 +92,7 @@ torch.library.impl(_library.qualname(OP, "torch"), "CompositeExplicitAutograd")(
 _split_select.register(OP, _split_select.mine_hard_negatives, check_arguments)
 
 
-def _fake(query_emb, pool_emb, positives, n_hard, n_random, max_score, seed):
+def _fake(query_emb, pool_emb, positives, n_hard, n_random, max_score, seed, pool_scale=None):
     return query_emb.new_empty((query_emb.shape[0], n_hard + n_random), dtype=torch.int64)
 
 

@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 
 from elva_kernels import _dispatch, _library, _split_select, _validate
+from elva_kernels.candidates import Candidates, unwrap
 from elva_kernels.reference.rank_statistics import rank_statistics as reference_rank_statistics
 
 OP = "rank_statistics"
@@ -33,7 +34,7 @@ class RankStatistics(NamedTuple):
 
 def rank_statistics(
     queries: torch.Tensor,
-    candidates: torch.Tensor,
+    candidates: torch.Tensor | Candidates,
     positives: torch.Tensor,
     *,
     metric: str = "cosine",
@@ -45,7 +46,8 @@ def rank_statistics(
 
     Args:
         queries: [B, d] fp32/fp16/bf16.
-        candidates: [N, d], same dtype and device.
+        candidates: [N, d], same dtype and device, or an ``ek.Candidates`` handle of them (a fixed pool: its
+            cosine scales are computed once, not per call).
         positives: int64 [B] or [B, m] candidate ids, -1 padded; every row needs one.
         metric: "cosine" or "dot".
         ks: cut-offs for ``hits``.
@@ -69,14 +71,16 @@ def rank_statistics(
         p = best positive per row; neg = not positive and not excluded
         rank = 1 + ((s > s_p) | (s == s_p) & (id < p))[neg].sum(1)
     """
-    positives, exclude, device = check_arguments(queries, candidates, positives, metric, exclude)
+    candidates, candidate_scale = unwrap(candidates, metric)
+    positives, exclude, device = check_arguments(queries, candidates, positives, metric, exclude, candidate_scale)
     if isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence) or len(ks) == 0:
         raise TypeError(f"ks must be a non-empty sequence of ints >= 1; got {ks!r}")
     for cutoff in ks:
         _validate.int_in_range("ks", cutoff, 1)
     call = _dispatch.Call(device, queries.dtype, {"queries": tuple(queries.shape), "candidates": tuple(candidates.shape)})
     chosen = _dispatch.select(OP, backend, call)
-    rank, pos_score, max_neg_score = chosen.handle(queries.detach(), candidates.detach(), positives, metric, exclude)
+    rank, pos_score, max_neg_score = chosen.handle(queries.detach(), candidates.detach(), positives, metric, exclude,
+                                                   candidate_scale)
     cutoffs = torch.tensor(list(ks), dtype=torch.int64, device=device)
     return RankStatistics(
         rank=rank,
@@ -88,7 +92,7 @@ def rank_statistics(
     )
 
 
-def check_arguments(queries, candidates, positives, metric, exclude):
+def check_arguments(queries, candidates, positives, metric, exclude, candidate_scale=None):
     """The SPEC's metadata checks; returns (positives as [B, m], exclude, device)."""
     _validate.tensor("queries", queries, ndim=2, form="[B, d]")
     form_c = "[N, d] with the queries' d"
@@ -101,6 +105,7 @@ def check_arguments(queries, candidates, positives, metric, exclude):
     if exclude is not None:
         exclude = _validate.id_matrix("exclude", exclude, num_queries, allow_1d=False, form="int64 [B, m]")
     device = _validate.same_device(queries=queries, candidates=candidates, positives=positives, exclude=exclude)
+    _validate.pool_scale("candidate_scale", candidate_scale, candidates.shape[0], device)
     return positives, exclude, device
 
 
@@ -108,7 +113,7 @@ torch.library.impl(_library.qualname(OP, "torch"), "CompositeExplicitAutograd")(
 _split_select.register(OP, _split_select.rank_statistics, check_arguments)
 
 
-def _fake(queries, candidates, positives, metric, exclude):
+def _fake(queries, candidates, positives, metric, exclude, candidate_scale=None):
     rows = queries.shape[0]
     return (
         queries.new_empty(rows, dtype=torch.int64),

@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 from elva_kernels import _validate
+from elva_kernels.candidates import Candidates
 from elva_kernels.ops.similarity_topk import similarity_topk
 
 
@@ -16,7 +17,7 @@ def _gather(tensor: torch.Tensor, group) -> list[torch.Tensor]:
 
 def sharded_similarity_topk(
     queries: torch.Tensor,
-    candidate_shard: torch.Tensor,
+    candidate_shard: torch.Tensor | Candidates,
     k: int,
     *,
     group=None,
@@ -28,7 +29,8 @@ def sharded_similarity_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Global exact top-k when every rank holds one shard of the candidates.
 
-    Every rank passes the same ``queries`` and its own ``candidate_shard`` [N_r, d]. A global
+    Every rank passes the same ``queries`` and its own ``candidate_shard`` [N_r, d] (or an ``ek.Candidates``
+    handle of it, for a fixed pool). A global
     id is the shard's offset plus the local index; offsets default to the shard sizes in rank
     order (gathered over ``group``). ``exclude`` holds global ids. Every rank returns the same
     (values [B, k] fp32, global indices [B, k] int64), identical to ``similarity_topk`` on the
@@ -41,9 +43,10 @@ def sharded_similarity_topk(
     """
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("sharded_similarity_topk needs an initialised torch.distributed process group")
-    _validate.tensor("candidate_shard", candidate_shard, ndim=2, form="[N_r, d]")
-    device = candidate_shard.device
-    sizes = torch.stack(_gather(torch.tensor([candidate_shard.shape[0]], device=device), group)).flatten().tolist()
+    shard = candidate_shard.embeddings if isinstance(candidate_shard, Candidates) else candidate_shard
+    _validate.tensor("candidate_shard", shard, ndim=2, form="[N_r, d]")
+    device = shard.device
+    sizes = torch.stack(_gather(torch.tensor([shard.shape[0]], device=device), group)).flatten().tolist()
     if shard_offset is None:
         shard_offset = sum(sizes[: dist.get_rank(group)])
     _validate.int_in_range("shard_offset", shard_offset, 0)
@@ -52,12 +55,12 @@ def sharded_similarity_topk(
     if exclude is not None:
         exclude = _validate.id_matrix("exclude", exclude, queries.shape[0], allow_1d=False, form="int64 [B, m]")
         local = exclude - shard_offset
-        local_exclude = torch.where((exclude >= 0) & (local < candidate_shard.shape[0]) & (local >= 0), local, -1)
+        local_exclude = torch.where((exclude >= 0) & (local < shard.shape[0]) & (local >= 0), local, -1)
     with torch.no_grad():
         values, indices = similarity_topk(
             queries,
             candidate_shard,
-            min(k, candidate_shard.shape[0]),
+            min(k, shard.shape[0]),
             metric=metric,
             exclude=local_exclude,
             max_score=max_score,

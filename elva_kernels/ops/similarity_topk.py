@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from elva_kernels import _dispatch, _library, _split_select, _validate
+from elva_kernels.candidates import Candidates, unwrap
 from elva_kernels.reference import _common
 from elva_kernels.reference.similarity_topk import similarity_topk as reference_similarity_topk
 
@@ -22,7 +23,7 @@ _dispatch.register(
 
 def similarity_topk(
     queries: torch.Tensor,
-    candidates: torch.Tensor,
+    candidates: torch.Tensor | Candidates,
     k: int,
     *,
     metric: str = "cosine",
@@ -34,7 +35,8 @@ def similarity_topk(
 
     Args:
         queries: [B, d] fp32/fp16/bf16.
-        candidates: [N, d], same dtype and device.
+        candidates: [N, d], same dtype and device, or an ``ek.Candidates`` handle of them (a fixed pool: its
+            cosine scales are computed once, not per call).
         k: 1 <= k <= N.
         metric: "cosine" (both sides L2-normalised in fp32, eps 1e-12) or "dot".
         exclude: int64 [B, m] candidate ids to skip per query (-1 = padding).
@@ -61,15 +63,16 @@ def similarity_topk(
     Example:
         >>> values, indices = similarity_topk(torch.randn(4, 8), torch.randn(100, 8), k=5)
     """
-    exclude, max_score, device = check_arguments(queries, candidates, k, metric, exclude, max_score)
+    candidates, candidate_scale = unwrap(candidates, metric)
+    exclude, max_score, device = check_arguments(queries, candidates, k, metric, exclude, max_score, candidate_scale)
     call = _dispatch.Call(
         device, queries.dtype, {"queries": tuple(queries.shape), "candidates": tuple(candidates.shape)}, k=k
     )
     chosen = _dispatch.select(OP, backend, call)
-    return chosen.handle(queries, candidates, k, metric, exclude, max_score)
+    return chosen.handle(queries, candidates, k, metric, exclude, max_score, candidate_scale)
 
 
-def check_arguments(queries, candidates, k, metric, exclude, max_score):
+def check_arguments(queries, candidates, k, metric, exclude, max_score, candidate_scale=None):
     """The SPEC's metadata checks; returns (exclude, max_score as fp32 [B] or None, device)."""
     form_q, form_c = "[B, d]", "[N, d] with the queries' d"
     _validate.tensor("queries", queries, ndim=2, form=form_q)
@@ -82,6 +85,7 @@ def check_arguments(queries, candidates, k, metric, exclude, max_score):
         exclude = _validate.id_matrix("exclude", exclude, queries.shape[0], allow_1d=False, form="int64 [B, m]")
     device = _validate.same_device(queries=queries, candidates=candidates, exclude=exclude)
     max_score = _validate.per_query_float("max_score", max_score, queries.shape[0], device)
+    _validate.pool_scale("candidate_scale", candidate_scale, candidates.shape[0], device)
     return exclude, max_score, device
 
 
@@ -89,13 +93,13 @@ torch.library.impl(_library.qualname(OP, "torch"), "CompositeExplicitAutograd")(
 _split_select.register(OP, _split_select.similarity_topk, check_arguments)
 
 
-def _fake(queries, candidates, k, metric, exclude, max_score):
+def _fake(queries, candidates, k, metric, exclude, max_score, candidate_scale=None):
     values = queries.new_empty((queries.shape[0], k), dtype=torch.float32)
     return values, queries.new_empty((queries.shape[0], k), dtype=torch.int64)
 
 
 def _setup_context(ctx, inputs, output):
-    queries, candidates, _, metric, _, _ = inputs
+    queries, candidates, _, metric = inputs[:4]
     ctx.metric = metric
     ctx.save_for_backward(queries, candidates, output[1])
 
@@ -121,7 +125,7 @@ def _backward(ctx, grad_values, _grad_indices):
         if want_c:
             grad_c_prepared.index_add_(0, ids.flatten(), (weight[:, :, None] * q[:, None, :]).flatten(0, 1))
     grad_c = _common.prepare_backward_rows(candidates, ctx.metric, grad_c_prepared) if want_c else None
-    return grad_q, grad_c, None, None, None, None
+    return grad_q, grad_c, None, None, None, None, None
 
 
 for _name in _library.variants(OP):

@@ -42,8 +42,10 @@ def mine_hard_negatives(
     n_random: int = 50,
     max_score: torch.Tensor | None = None,
     seed: int = 0,
+    pool_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """int64 [B, n_hard + n_random]: the hardest eligible negatives, then random ones, -1 padded.
+    """int64 [B, n_hard + n_random]: the hardest eligible negatives, then random ones, -1 padded;
+    ``pool_scale`` is not read (each tile is normalised from the rows).
 
     Eligible: not a positive and, with ``max_score`` [B], scoring at most max_score.
     """

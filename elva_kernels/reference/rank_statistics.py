@@ -38,8 +38,10 @@ def rank_statistics(
     positives: torch.Tensor,
     metric: str = "cosine",
     exclude: torch.Tensor | None = None,
+    candidate_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rank [B] int64, pos_score [B] fp32, max_neg_score [B] fp32) with positives [B, m] (-1 padded).
+    """(rank [B] int64, pos_score [B] fp32, max_neg_score [B] fp32) with positives [B, m] (-1 padded);
+    ``candidate_scale`` is not read (each tile is normalised from the rows).
 
     rank = 1 + the number of non-positive, non-excluded candidates ahead of the best
     positive in the total order; max_neg_score is -inf when no negative is eligible.

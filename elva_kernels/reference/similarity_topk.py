@@ -18,8 +18,10 @@ def similarity_topk(
     metric: str = "cosine",
     exclude: torch.Tensor | None = None,
     max_score: torch.Tensor | None = None,
+    candidate_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values [B, k] fp32 descending, indices [B, k] int64), -inf / -1 where fewer than k are eligible."""
+    """(values [B, k] fp32 descending, indices [B, k] int64), -inf / -1 where fewer than k are eligible.
+    ``candidate_scale`` is not read: each tile is normalised from the rows."""
     _validate.finite("queries", queries)
     _validate.finite("candidates", candidates)
     if exclude is not None:

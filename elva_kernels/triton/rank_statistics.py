@@ -1,7 +1,7 @@
 """Triton kernels of rank_statistics: the positives' scores, then one counting pass over the candidates.
 
 ``pair_scores_kernel`` scores each row's listed positives on a full score tile (the gathered positives, then
-padding) and reads the diagonal. It uses the score routine and the tile shape (``THRESHOLD_TILES``) of the
+padding) and reads the diagonal. It uses the score routine and the tile shape (``RANK_TILES``) of the
 counting pass, so a positive scores bit-identically to the same candidate there and exact duplicates tie.
 
 ``rank_counts_kernel`` is the threshold pass's main loop with a count epilogue. A program owns one tile of
@@ -27,6 +27,9 @@ from elva_kernels.triton.similarity_topk import (
     _score_tile, upcast_for,
 )
 
+# The threshold pass's tiles, except for fp32 rows, whose FFMA operands beside the count epilogue fit 64 x 128 x 32
+# without spilling (fp32 FMA dots sum in k order whatever the tile, so scores still match across kernels).
+RANK_TILES = {**THRESHOLD_TILES, torch.float32: (64, 128, 32, 8, 3)}
 NO_LISTED_ID = tl.constexpr(2**31 - 1)  # above every candidate id (N < 2**31): no listed id left in the row
 
 
@@ -142,7 +145,7 @@ def rank_counts_kernel(
 
 def pair_scores(queries, candidates, query_scale, candidate_scale, ids):
     """Launcher with the signature of ``elva::pair_scores_cuda``."""
-    block_m, block_n, block_k, warps, stages = THRESHOLD_TILES[queries.dtype]
+    block_m, block_n, block_k, warps, stages = RANK_TILES[queries.dtype]
     out = torch.empty(ids.shape, dtype=torch.float32, device=queries.device)
     pair_scores_kernel[(triton.cdiv(queries.shape[0], block_m),)](
         queries, candidates, query_scale, candidate_scale, ids.contiguous(), ids.shape[1], out,
@@ -158,7 +161,7 @@ def rank_counts(queries, candidates, query_scale, candidate_scale, positives, ex
     best positive comes as its key (``_split_select.score_keys``)."""
     num_queries, num_candidates, dim = queries.shape[0], candidates.shape[0], queries.shape[1]
     device = queries.device
-    block_m, block_n, block_k, warps, stages = THRESHOLD_TILES[queries.dtype]
+    block_m, block_n, block_k, warps, stages = RANK_TILES[queries.dtype]
     row_tiles = triton.cdiv(num_queries, block_m)
     split_tiles = _split_select.split_tiles(row_tiles, triton.cdiv(num_candidates, block_n),
                                             PROGRAMS_PER_SM * _split_select.multiprocessor_count(device))
@@ -184,7 +187,7 @@ def _aot_cases(dtype):
     """The headline workload of similarity_topk's cases, one positive per query (M-BEIR's usual case)."""
     rows, pool, dim = HEADLINE_QUERIES, HEADLINE_CANDIDATES, HEADLINE_DIM
     element = aot.DTYPES[dtype]
-    block_m, block_n, block_k, warps, stages = THRESHOLD_TILES[element]
+    block_m, block_n, block_k, warps, stages = RANK_TILES[element]
     row_tiles = triton.cdiv(rows, block_m)
     split_tiles = _split_select.split_tiles(row_tiles, triton.cdiv(pool, block_n), PROGRAMS_PER_SM * HEADLINE_SMS)
     splits = triton.cdiv(triton.cdiv(pool, block_n), split_tiles)

@@ -67,7 +67,8 @@ void kernel_bf16(const uint16_t* q, const uint16_t* c, int64_t ldc, int64_t kc2,
 using Kernel = void (*)(const float*, const float*, int64_t, int64_t, float*, bool);
 // ELVA_CPU_ISA=scalar|avx2 forces a slower variant (tests compare them; results are bitwise-identical).
 Kernel pick_kernel();
-// Screen in bf16 (VDPBF16PS) unless ELVA_CPU_ISA names another kernel or the CPU lacks AVX512_BF16.
+// Screen in bf16 (VDPBF16PS) where the CPU has AVX512_BF16 and a one-time timing finds it faster than fp32 FMA
+// (not on Sapphire Rapids, whose VDPBF16PS issues at half the FMA rate), unless ELVA_CPU_ISA names a kernel.
 bool use_bf16_screen();
 
 // One block of prepared candidate rows as the micro-kernels read it: `full_groups` whole CR-row groups in place

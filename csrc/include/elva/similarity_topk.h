@@ -10,7 +10,7 @@
 //               candidates are eligible.
 // Order: score descending, then candidate index ascending. Scores are fp32: rows are prepared in fp32 (cosine:
 // queries x / max(||x||, 1e-12); candidates' dot products divided by their max(||c||, 1e-12)); the canonical score
-// of a pair is 64 fp32 FMA lanes over d then a fixed tree. A fast kernel (bf16 VDPBF16PS on AVX512_BF16 CPUs,
+// of a pair is 64 fp32 FMA lanes over d then a fixed tree. A fast kernel (bf16 VDPBF16PS where it beats fp32 FMA,
 // else fp32 FMA: AVX-512, AVX2 or scalar) screens the pairs; those within a proven error bound of the running k-th
 // best are rescored canonically. Results are thus identical on every code path, and exact duplicates score
 // bitwise-equal and come out by index. ELVA_CPU_ISA=avx512bf16|avx512|avx2|scalar forces a kernel (for tests).

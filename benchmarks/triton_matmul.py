@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from elva_kernels import _split_select
+from elva_kernels import _retrieval
 from elva_kernels.triton.similarity_topk import PROGRAMS_PER_SM, THRESHOLD_TILES, _score_tile, upcast_for
 
 
@@ -42,7 +42,7 @@ def plain_matmul(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tenso
     ones_q = torch.ones(num_queries, dtype=torch.float32, device=device)
     ones_c = torch.ones(num_candidates, dtype=torch.float32, device=device)
     tiles = triton.cdiv(num_queries, block_m) * triton.cdiv(num_candidates, block_n)
-    programs = min(tiles, PROGRAMS_PER_SM * _split_select.multiprocessor_count(device))
+    programs = min(tiles, PROGRAMS_PER_SM * _retrieval.multiprocessor_count(device))
     plain_matmul_kernel[(programs,)](
         queries, candidates, ones_q, ones_c, out, num_queries, num_candidates, dim, queries.stride(0),
         candidates.stride(0), programs, UPCAST=upcast_for(queries.dtype, device), EVEN_K=dim % block_k == 0,

@@ -52,7 +52,7 @@ SIGNATURES = {
     ),
 }
 
-# Building blocks of the GPU backends (elva_kernels/_split_select.py drives them; the Triton launchers in
+# Building blocks of the GPU backends (elva_kernels/_retrieval.py drives them; the Triton launchers in
 # triton/ take the same arguments). Keys, scores and eligibility are defined in that module's docstring.
 #   split_topk: the list_size largest eligible keys of every (query, candidate split), any order.
 #   pair_scores: the score of (row, ids[row, j]) with the arithmetic of the counting pass, -inf for id -1.

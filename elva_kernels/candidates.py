@@ -4,7 +4,7 @@ Cosine scores scale each candidate's dot products by 1 / max(||c||, eps). The GP
 norms with one read of the whole pool per call, which costs 13-19% of the matmul itself at d = 1536; over a fixed
 pool (evaluation, mining) the handle computes them, and checks the pool for NaN/Inf, once. ``similarity_topk``,
 ``rank_statistics`` and ``mine_hard_negatives`` take a handle wherever they take the pool, and give the same
-results as with the bare tensor: the scales are ``_split_select.scales`` of the same rows. Backends that norm
+results as with the bare tensor: the scales are ``_retrieval.scales`` of the same rows. Backends that norm
 each block on the fly (cpu, torch) use the rows alone.
 
 The handle holds the tensor it was made from; it recomputes the scales if that tensor is modified in place
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from elva_kernels import _split_select, _validate
+from elva_kernels import _retrieval, _validate
 
 
 class Candidates:
@@ -43,7 +43,7 @@ class Candidates:
         if self._inverse_norms is None or version != self._version:
             with torch.no_grad():
                 _validate.finite("the Candidates embeddings", self.embeddings)
-                self._inverse_norms = _split_select.scales(self.embeddings, "cosine")
+                self._inverse_norms = _retrieval.scales(self.embeddings, "cosine")
             self._version = version
         return self._inverse_norms
 

@@ -1,5 +1,5 @@
 // torch bindings of elva::{split_topk,pair_scores,split_rank_counts}_cuda, the per-split kernels behind
-// elva_kernels/_split_select.py. The schemas live in elva_kernels/_library.py. CUDA builds only: without
+// elva_kernels/_retrieval.py. The schemas live in elva_kernels/_library.py. CUDA builds only: without
 // ELVA_WITH_CUDA this file compiles to nothing.
 #ifdef ELVA_WITH_CUDA
 

@@ -1,5 +1,5 @@
 // torch binding of elva::threshold_topk_{cpu,cuda}, the chunked threshold pass of the CUDA backend's similarity_topk
-// (elva_kernels/_split_select.py drives it; the schema lives in elva_kernels/_library.py). The GEMM of each
+// (elva_kernels/_retrieval.py drives it; the schema lives in elva_kernels/_library.py). The GEMM of each
 // chunk of candidates goes through torch (cuBLAS on CUDA, fp32 products from half inputs); the select step is
 // elva/threshold_select.h's rule, by the CUDA kernel or its CPU twin. The CPU variant exists so that the CPU
 // tests run this chunk loop and rule step for step.

@@ -1,5 +1,5 @@
 // Per-split selection kernels (split_topk, pair_scores, split_rank_counts); contract in
-// elva_kernels/_split_select.py. No ATen headers, so that plain nvcc (CMake, CI without a GPU) compiles it.
+// elva_kernels/_retrieval.py. No ATen headers, so that plain nvcc (CMake, CI without a GPU) compiles it.
 //
 // Layout of the two split kernels: a CTA of 256 threads (8 warps) takes one work item = 64 query rows x one
 // split, and walks the split in tiles of 64 candidates. Per tile, all 256 threads compute the 64 x 64 score

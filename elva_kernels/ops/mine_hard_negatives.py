@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from elva_kernels import _dispatch, _library, _split_select, _validate
+from elva_kernels import _dispatch, _library, _retrieval, _validate
 from elva_kernels.candidates import Candidates, unwrap
 from elva_kernels.reference.mine_hard_negatives import mine_hard_negatives as reference_mine_hard_negatives
 
@@ -12,8 +12,8 @@ OP = "mine_hard_negatives"
 _dispatch.register(
     OP,
     [
-        _dispatch.Backend("triton", OP, devices=("cuda", "cpu"), limits=_split_select.limits),
-        _dispatch.Backend("cuda", OP, devices=("cuda",), limits=_split_select.limits),
+        _dispatch.Backend("triton", OP, devices=("cuda", "cpu"), limits=_retrieval.limits),
+        _dispatch.Backend("cuda", OP, devices=("cuda",), limits=_retrieval.limits),
         _dispatch.Backend("cpu", OP, devices=("cpu",)),
         _dispatch.Backend("torch", OP, devices=("cpu", "cuda")),
     ],
@@ -89,7 +89,7 @@ def check_arguments(query_emb, pool_emb, positives, n_hard, n_random, max_score,
 
 
 torch.library.impl(_library.qualname(OP, "torch"), "CompositeExplicitAutograd")(reference_mine_hard_negatives)
-_split_select.register(OP, _split_select.mine_hard_negatives, check_arguments)
+_retrieval.register(OP, _retrieval.mine_hard_negatives, check_arguments)
 
 
 def _fake(query_emb, pool_emb, positives, n_hard, n_random, max_score, seed, pool_scale=None):

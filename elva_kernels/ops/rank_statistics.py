@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from elva_kernels import _dispatch, _library, _split_select, _validate
+from elva_kernels import _dispatch, _library, _retrieval, _validate
 from elva_kernels.candidates import Candidates, unwrap
 from elva_kernels.reference.rank_statistics import rank_statistics as reference_rank_statistics
 
@@ -15,8 +15,8 @@ OP = "rank_statistics"
 _dispatch.register(
     OP,
     [
-        _dispatch.Backend("triton", OP, devices=("cuda", "cpu"), limits=_split_select.limits),
-        _dispatch.Backend("cuda", OP, devices=("cuda",), limits=_split_select.limits),
+        _dispatch.Backend("triton", OP, devices=("cuda", "cpu"), limits=_retrieval.limits),
+        _dispatch.Backend("cuda", OP, devices=("cuda",), limits=_retrieval.limits),
         _dispatch.Backend("cpu", OP, devices=("cpu",)),
         _dispatch.Backend("torch", OP, devices=("cpu", "cuda")),
     ],
@@ -110,7 +110,7 @@ def check_arguments(queries, candidates, positives, metric, exclude, candidate_s
 
 
 torch.library.impl(_library.qualname(OP, "torch"), "CompositeExplicitAutograd")(reference_rank_statistics)
-_split_select.register(OP, _split_select.rank_statistics, check_arguments)
+_retrieval.register(OP, _retrieval.rank_statistics, check_arguments)
 
 
 def _fake(queries, candidates, positives, metric, exclude, candidate_scale=None):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from elva_kernels import _dispatch, _library, _split_select, _validate
+from elva_kernels import _dispatch, _library, _retrieval, _validate
 from elva_kernels.candidates import Candidates, unwrap
 from elva_kernels.reference import _common
 from elva_kernels.reference.similarity_topk import similarity_topk as reference_similarity_topk
@@ -13,8 +13,8 @@ OP = "similarity_topk"
 _dispatch.register(
     OP,
     [
-        _dispatch.Backend("triton", OP, devices=("cuda", "cpu"), max_k=4096, limits=_split_select.limits),
-        _dispatch.Backend("cuda", OP, devices=("cuda",), max_k=4096, limits=_split_select.limits),
+        _dispatch.Backend("triton", OP, devices=("cuda", "cpu"), max_k=4096, limits=_retrieval.limits),
+        _dispatch.Backend("cuda", OP, devices=("cuda",), max_k=4096, limits=_retrieval.limits),
         _dispatch.Backend("cpu", OP, devices=("cpu",)),
         _dispatch.Backend("torch", OP, devices=("cpu", "cuda")),
     ],
@@ -90,7 +90,7 @@ def check_arguments(queries, candidates, k, metric, exclude, max_score, candidat
 
 
 torch.library.impl(_library.qualname(OP, "torch"), "CompositeExplicitAutograd")(reference_similarity_topk)
-_split_select.register(OP, _split_select.similarity_topk, check_arguments)
+_retrieval.register(OP, _retrieval.similarity_topk, check_arguments)
 
 
 def _fake(queries, candidates, k, metric, exclude, max_score, candidate_scale=None):

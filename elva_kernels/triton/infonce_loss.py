@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from elva_kernels import _split_select
+from elva_kernels import _retrieval
 from elva_kernels.reference import _common
 from elva_kernels.reference import infonce_loss as reference
 from elva_kernels.triton import aot
@@ -193,10 +193,10 @@ def grad_candidates_kernel(
 
 
 def _prepared(queries, candidates, false_negatives):
-    queries = _split_select.unit_stride_rows(queries)
-    candidates = _split_select.unit_stride_rows(candidates)
+    queries = _retrieval.unit_stride_rows(queries)
+    candidates = _retrieval.unit_stride_rows(candidates)
     fn = false_negatives.contiguous() if false_negatives is not None else None
-    return queries, candidates, fn, _split_select.scales(queries, "cosine"), _split_select.scales(candidates, "cosine")
+    return queries, candidates, fn, _retrieval.scales(queries, "cosine"), _retrieval.scales(candidates, "cosine")
 
 
 def _common_args(queries, candidates):
@@ -231,7 +231,7 @@ def infonce_loss(queries, candidates, labels, temperature, symmetric, false_nega
         **_common_args(queries, candidates),
     )
     if nonfinite.item():
-        _split_select.raise_nonfinite(queries=queries, candidates=candidates)
+        _retrieval.raise_nonfinite(queries=queries, candidates=candidates)
     loss = lse - positive
     if symmetric:
         loss = (loss + _column_lse(queries, candidates, q_scale, c_scale, fn, temperature) - positive) / 2

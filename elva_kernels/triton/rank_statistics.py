@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from elva_kernels import _split_select
+from elva_kernels import _retrieval
 from elva_kernels.triton import aot
 from elva_kernels.triton.similarity_topk import (
     HEADLINE_CANDIDATES, HEADLINE_DIM, HEADLINE_QUERIES, HEADLINE_SMS, INTERPRETED, PROGRAMS_PER_SM, THRESHOLD_TILES,
@@ -158,15 +158,15 @@ def pair_scores(queries, candidates, query_scale, candidate_scale, ids):
 
 def rank_counts(queries, candidates, query_scale, candidate_scale, positives, exclude, pos_keys):
     """(negatives ahead of the best positive int64 [B], best negative score fp32 [B], nonfinite int32 [1]); the
-    best positive comes as its key (``_split_select.score_keys``)."""
+    best positive comes as its key (``_retrieval.score_keys``)."""
     num_queries, num_candidates, dim = queries.shape[0], candidates.shape[0], queries.shape[1]
     device = queries.device
     block_m, block_n, block_k, warps, stages = RANK_TILES[queries.dtype]
     row_tiles = triton.cdiv(num_queries, block_m)
-    split_tiles = _split_select.split_tiles(row_tiles, triton.cdiv(num_candidates, block_n),
-                                            PROGRAMS_PER_SM * _split_select.multiprocessor_count(device))
+    split_tiles = _retrieval.split_tiles(row_tiles, triton.cdiv(num_candidates, block_n),
+                                            PROGRAMS_PER_SM * _retrieval.multiprocessor_count(device))
     splits = triton.cdiv(triton.cdiv(num_candidates, block_n), split_tiles)
-    pos_score, pos_id = _split_select.decode(pos_keys)
+    pos_score, pos_id = _retrieval.decode(pos_keys)
     ahead = torch.empty((num_queries, splits), dtype=torch.int32, device=device)
     max_neg = torch.empty((num_queries, splits), dtype=torch.float32, device=device)
     largest = torch.empty_like(max_neg)
@@ -189,7 +189,7 @@ def _aot_cases(dtype):
     element = aot.DTYPES[dtype]
     block_m, block_n, block_k, warps, stages = RANK_TILES[element]
     row_tiles = triton.cdiv(rows, block_m)
-    split_tiles = _split_select.split_tiles(row_tiles, triton.cdiv(pool, block_n), PROGRAMS_PER_SM * HEADLINE_SMS)
+    split_tiles = _retrieval.split_tiles(row_tiles, triton.cdiv(pool, block_n), PROGRAMS_PER_SM * HEADLINE_SMS)
     splits = triton.cdiv(triton.cdiv(pool, block_n), split_tiles)
     shared = dict(q_ptr=aot.meta(rows, dim, dtype=element), c_ptr=aot.meta(pool, dim, dtype=element),
                   q_scale_ptr=aot.meta(rows), c_scale_ptr=aot.meta(pool), dim=dim, stride_q=dim, stride_c=dim,

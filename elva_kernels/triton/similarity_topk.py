@@ -1,7 +1,7 @@
 """Triton kernels of similarity_topk: the threshold pass (the main path) and per-split top lists (the exact path).
 
 threshold_topk_kernel is a persistent GEMM over 128 x 128 score tiles (8 warps, a pipelined K loop) whose epilogue
-is one fp32 compare per score against the query's threshold (``_split_select``'s docstring says where it comes
+is one fp32 compare per score against the query's threshold (``_retrieval``'s docstring says where it comes
 from and why the result is exact). Only the rare survivors take the append branch: an atomic slot in the query's
 buffer and two stores. Query tiles run fastest, so the programs in flight share a few candidate tiles and each
 candidate row is read from HBM about once.
@@ -9,7 +9,7 @@ candidate row is read from HBM about once.
 split_topk_kernel, the exact path for small pools, fallback rows and mining's random keys:
 
 A program owns BLOCK_M queries and one split of the candidates. It walks the split in BLOCK_N
-candidate tiles: a tl.dot score tile (fp32 accumulation), its keys (``_split_select``'s
+candidate tiles: a tl.dot score tile (fp32 accumulation), its keys (``_retrieval``'s
 docstring), then a threshold test against each row's running list of LIST keys, kept in
 registers. Only keys above a row's current minimum are inserted, one per row per step, so
 after the first tiles the epilogue is a compare and a max. Scores never leave the chip.
@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from elva_kernels import _split_select
+from elva_kernels import _retrieval
 from elva_kernels.triton import aot
 
 KEY_MIN = tl.constexpr(-(2**63))  # an ineligible candidate
@@ -221,7 +221,7 @@ def threshold_topk_kernel(
         if tl.max(tl.max((survives | odd).to(tl.int32), axis=1), axis=0) > 0:  # the rare branch
             bad = bad | tl.max(odd.to(tl.int32), axis=1)
             # Flattened: Triton 3.9 cannot lower an atomic on the MMA layout (RemoveLayoutConversions asserts).
-            # Offsets are 32-bit: a pass holds fewer than 2**31 buffer slots (_split_select.BUFFER_BYTES).
+            # Offsets are 32-bit: a pass holds fewer than 2**31 buffer slots (_retrieval.BUFFER_BYTES).
             flat = tl.reshape(survives, [BLOCK_M * BLOCK_N])
             flat_rows = tl.reshape(rows[:, None] + cols[None, :] * 0, [BLOCK_M * BLOCK_N])
             slot = tl.atomic_add(count_ptr + flat_rows, 1, mask=flat, sem="relaxed")
@@ -239,7 +239,7 @@ def upcast_for(dtype: torch.dtype, device: torch.device) -> bool:
 
 def split_topk(queries, candidates, query_scale, candidate_scale, exclude, max_score, upper, split_size, list_size,
                key_mode, seed):
-    """Launcher with the signature of ``elva::split_topk_cuda`` (see _split_select)."""
+    """Launcher with the signature of ``elva::split_topk_cuda`` (see _retrieval)."""
     num_queries, splits = upper.shape
     keys = torch.empty((num_queries, splits, list_size), dtype=torch.int64, device=queries.device)
     nonfinite = torch.zeros(1, dtype=torch.int32, device=queries.device)
@@ -277,7 +277,7 @@ def threshold_topk(queries, candidates, query_scale, candidate_scale, threshold,
     nonfinite = torch.zeros(1, dtype=torch.int32, device=device)
     block_m, block_n, block_k, warps, stages = THRESHOLD_TILES[queries.dtype]
     tiles = triton.cdiv(num_queries, block_m) * triton.cdiv(num_candidates, block_n)
-    programs = min(tiles, PROGRAMS_PER_SM * _split_select.multiprocessor_count(device))
+    programs = min(tiles, PROGRAMS_PER_SM * _retrieval.multiprocessor_count(device))
     threshold_topk_kernel[(programs,)](
         queries, candidates, query_scale, candidate_scale, threshold.contiguous(),
         max_score if max_score is not None else threshold, count, scores, ids, nonfinite,
@@ -289,12 +289,12 @@ def threshold_topk(queries, candidates, query_scale, candidate_scale, threshold,
     return count, scores, ids, nonfinite
 
 
-# The headline workload (B=1024, N=1M, d=1536) on an H100's 132 SMs, as _split_select plans it.
+# The headline workload (B=1024, N=1M, d=1536) on an H100's 132 SMs, as _retrieval plans it.
 HEADLINE_QUERIES, HEADLINE_CANDIDATES, HEADLINE_DIM, HEADLINE_SMS = 1024, 1_000_000, 1536, 132
 
 
 def _split_topk_case(dtype, list_size, key_mode, has_max_score, exclude_width):
-    split_size, _ = _split_select.plan(HEADLINE_QUERIES, HEADLINE_CANDIDATES, 1 if list_size == 16 else 1000,
+    split_size, _ = _retrieval.plan(HEADLINE_QUERIES, HEADLINE_CANDIDATES, 1 if list_size == 16 else 1000,
                                        multiprocessors=HEADLINE_SMS)
     splits = triton.cdiv(HEADLINE_CANDIDATES, split_size)
     rows, dim = HEADLINE_QUERIES, HEADLINE_DIM
@@ -333,7 +333,7 @@ def _split_topk_case(dtype, list_size, key_mode, has_max_score, exclude_width):
 
 
 def _threshold_topk_case(dtype, has_max_score):
-    plan = _split_select.threshold_plan(HEADLINE_QUERIES, HEADLINE_CANDIDATES, 100)
+    plan = _retrieval.threshold_plan(HEADLINE_QUERIES, HEADLINE_CANDIDATES, 100)
     rows, dim, capacity = plan.rows, HEADLINE_DIM, plan.capacity
     element = aot.DTYPES[dtype]
     block_m, block_n, block_k, warps, stages = THRESHOLD_TILES[element]
@@ -369,7 +369,7 @@ def _threshold_topk_case(dtype, has_max_score):
 AOT_CASES = [
     _split_topk_case(dtype, list_size, key_mode, has_max_score, exclude_width=0 if key_mode == 0 else 1)
     for dtype in aot.DTYPES
-    for list_size in (16, _split_select.LIST_MAX)
+    for list_size in (16, _retrieval.LIST_MAX)
     for key_mode, has_max_score in ((0, True), (1, True), (1, False))
 ]
 AOT_CASES += [_threshold_topk_case(dtype, has_max_score) for dtype in aot.DTYPES for has_max_score in (False, True)]

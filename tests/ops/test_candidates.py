@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import elva_kernels as ek
-from elva_kernels import _split_select
+from elva_kernels import _retrieval
 from tests.helpers import backend_matrix, dtypes_of, random_rows, require_backend
 
 OPS = ("similarity_topk", "rank_statistics", "mine_hard_negatives")
@@ -56,20 +56,20 @@ def test_the_gpu_driver_norms_the_pool_once(backend, device):
     """With a handle the pool is normed when its scales are first asked for, then never again; the queries still
     are, at every call. The driver is called directly: a mode sees no further than a registered op."""
     require_backend("similarity_topk", backend, device)
-    kernels = _split_select._triton_kernels() if backend == "triton" else _split_select._cuda_kernels()
+    kernels = _retrieval._triton_kernels() if backend == "triton" else _retrieval._cuda_kernels()
     queries, pool = torch.randn(4, 16, device=device), torch.randn(900, 16, device=device)
     handle = ek.Candidates(pool)
     positives = torch.tensor([[1], [2], [3], [4]], device=device)
     with RecordNorms() as bare:
-        _split_select.similarity_topk(kernels, queries, pool, 5, "cosine", None, None)
+        _retrieval.similarity_topk(kernels, queries, pool, 5, "cosine", None, None)
     with RecordNorms() as first:
         scale = handle.inverse_norms
     with RecordNorms() as handled:
         for _ in range(2):
-            _split_select.similarity_topk(kernels, queries, pool, 5, "cosine", None, None, handle.inverse_norms)
-            _split_select.rank_statistics(kernels, queries, pool, positives, "cosine", None, handle.inverse_norms)
+            _retrieval.similarity_topk(kernels, queries, pool, 5, "cosine", None, None, handle.inverse_norms)
+            _retrieval.rank_statistics(kernels, queries, pool, positives, "cosine", None, handle.inverse_norms)
     assert sorted(bare.rows) == [4, 900] and first.rows == [900] and handled.rows == [4] * 4
-    assert torch.equal(scale, _split_select.scales(pool, "cosine"))
+    assert torch.equal(scale, _retrieval.scales(pool, "cosine"))
 
 
 def test_scales_follow_in_place_edits_and_inference_tensors():

@@ -176,16 +176,16 @@ def test_host_work_does_not_grow_with_the_pool(backend, device):
     """The torch ops around the kernels (scales, the split lists' merges, the draw's merge) are as many for N = 3000
     as for N = 24000 (both pools take the exact path; similarity_topk's test counts the threshold path's). The
     shared implementation is called directly: a mode sees no further than a registered op."""
-    from elva_kernels import _split_select
+    from elva_kernels import _retrieval
     from tests.helpers import CountOps
 
     require_backend(OP, backend, device)
-    kernels = _split_select._triton_kernels() if backend == "triton" else _split_select._cuda_kernels()
+    kernels = _retrieval._triton_kernels() if backend == "triton" else _retrieval._cuda_kernels()
     counts = []
     for pool in (3000, 24000):
         q, c = torch.randn(4, 16, device=device), torch.randn(pool, 16, device=device)
         positives = torch.tensor([[0], [5], [pool - 1], [pool // 2]], device=device)
         with CountOps() as ops:
-            _split_select.mine_hard_negatives(kernels, q, c, positives, 5, 5, None, 0)
+            _retrieval.mine_hard_negatives(kernels, q, c, positives, 5, 5, None, 0)
         counts.append(ops.count)
     assert counts[0] == counts[1], counts

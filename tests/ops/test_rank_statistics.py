@@ -11,7 +11,7 @@ interpreter gets small ones, a GPU its large ones.
 import pytest
 import torch
 
-from elva_kernels import _split_select, rank_statistics, similarity_topk
+from elva_kernels import _retrieval, rank_statistics, similarity_topk
 from tests.helpers import (
     CountOps, assert_close_verbose, backend_matrix, dtypes_of, on_device, ragged_size, random_rows, require_backend,
     runs_as,
@@ -275,7 +275,7 @@ def test_long_pools_over_several_splits(backend, device, metric, monkeypatch):
     """A few queries over 2000 candidates cut into several splits: most candidate tiles hold no listed id of any
     row (the GPU kernels' short epilogue), copies of each positive sit in such tiles before and after it (ties
     rank by id), one copy is excluded and the last tile is ragged."""
-    monkeypatch.setattr(_split_select, "multiprocessor_count", lambda device: 7)  # splits in the interpreter too
+    monkeypatch.setattr(_retrieval, "multiprocessor_count", lambda device: 7)  # splits in the interpreter too
     require_backend(OP, backend, device)
     gen = torch.Generator().manual_seed(11)
     candidates = random_rows(gen, 2000, 16, ties=True)
@@ -295,10 +295,10 @@ def test_long_pools_over_several_splits(backend, device, metric, monkeypatch):
 def test_splits_fill_whole_waves():
     """The counting grid (row tiles x splits) of the headline sizes keeps an H100's 132 SMs busy to the last wave."""
     for row_tiles in (8, 32):  # B = 1024 and 4096 in 128-query tiles; N = 1M in 128-candidate tiles
-        per_split = _split_select.split_tiles(row_tiles, 7813, 132)
+        per_split = _retrieval.split_tiles(row_tiles, 7813, 132)
         programs = row_tiles * -(-7813 // per_split)
         assert programs >= 132 and row_tiles * 7813 / (-(-programs // 132) * 132 * per_split) > 0.96
-    assert _split_select.split_tiles(3, 1, 132) == 1
+    assert _retrieval.split_tiles(3, 1, 132) == 1
 
 
 @pytest.mark.parametrize("backend,device", [p for p in backend_matrix(OP) if p.values[0] in ("triton", "cuda")])
@@ -307,13 +307,13 @@ def test_host_work_does_not_grow_with_the_pool(backend, device):
     N = 3000 as for N = 24000. The shared implementation is called directly: a mode sees no further than a
     registered op."""
     require_backend(OP, backend, device)
-    kernels = _split_select._triton_kernels() if backend == "triton" else _split_select._cuda_kernels()
+    kernels = _retrieval._triton_kernels() if backend == "triton" else _retrieval._cuda_kernels()
     counts = []
     for pool in (3000, 24000):
         q, c = torch.randn(4, 16, device=device), torch.randn(pool, 16, device=device)
         positives = torch.tensor([[0], [5], [pool - 1], [pool // 2]], device=device)
         with CountOps() as ops:
-            _split_select.rank_statistics(kernels, q, c, positives, "cosine", None)
+            _retrieval.rank_statistics(kernels, q, c, positives, "cosine", None)
         counts.append(ops.count)
     assert counts[0] == counts[1], counts
 

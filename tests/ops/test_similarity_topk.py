@@ -551,33 +551,33 @@ def test_opcheck_and_compile(backend, device):
 def threshold_backends():
     """(backend, device) pairs whose kernels have the threshold pass, and "chunked" on CPU: the CUDA backend's
     chunked pass (its chunk loop and select rule, ``threshold_topk_cpu``) with Triton's exact-path kernels."""
-    from elva_kernels import _split_select
+    from elva_kernels import _retrieval
 
-    kernels = {"triton": _split_select._triton_kernels(), "cuda": _split_select._cuda_kernels()}
+    kernels = {"triton": _retrieval._triton_kernels(), "cuda": _retrieval._cuda_kernels()}
     pairs = [p for p in backend_matrix(OP) if p.values[0] in kernels and
              (kernels[p.values[0]] is None or kernels[p.values[0]].threshold_topk is not None)]
     return pairs + [pytest.param("chunked", "cpu", id="chunked-cpu")]
 
 
 def threshold_kernels(backend):
-    from elva_kernels import _split_select
+    from elva_kernels import _retrieval
 
     if backend == "chunked":
-        return dataclasses.replace(_split_select._triton_kernels(), threshold_topk=_split_select.chunked_threshold_topk(
+        return dataclasses.replace(_retrieval._triton_kernels(), threshold_topk=_retrieval.chunked_threshold_topk(
             torch.ops.elva.threshold_topk_cpu.default))
-    return _split_select._triton_kernels() if backend == "triton" else _split_select._cuda_kernels()
+    return _retrieval._triton_kernels() if backend == "triton" else _retrieval._cuda_kernels()
 
 
 def run_threshold(case, backend):
     """``run`` for a threshold backend; "chunked" calls the shared implementation with its kernels directly."""
-    from elva_kernels import _split_select
+    from elva_kernels import _retrieval
     from elva_kernels.ops.similarity_topk import check_arguments
 
     if backend != "chunked":
         return run(case, backend)
     q, c = case["queries"], case["candidates"]
     exclude, max_score, _ = check_arguments(q, c, case["k"], case["metric"], case["exclude"], case["max_score"])
-    return _split_select.similarity_topk(threshold_kernels(backend), q, c, case["k"], case["metric"], exclude,
+    return _retrieval.similarity_topk(threshold_kernels(backend), q, c, case["k"], case["metric"], exclude,
                                          max_score)
 
 
@@ -589,13 +589,13 @@ def require_threshold_backend(backend, device, dtype=torch.float32):
 def small_sample(monkeypatch):
     """A 256-candidate sample, no pool-size floor and 256-candidate chunks, so the threshold path runs at
     interpreter sizes over several chunks; returns the module, its fallback counter cleared."""
-    from elva_kernels import _split_select
+    from elva_kernels import _retrieval
 
-    monkeypatch.setattr(_split_select, "SAMPLE_SIZES", (256, 256))
-    monkeypatch.setattr(_split_select, "MAX_CAPACITY_FRACTION", 1.0)
-    monkeypatch.setattr(_split_select, "SCORE_CHUNK_BYTES", 0)
-    _split_select.FALLBACKS.clear()
-    return _split_select
+    monkeypatch.setattr(_retrieval, "SAMPLE_SIZES", (256, 256))
+    monkeypatch.setattr(_retrieval, "MAX_CAPACITY_FRACTION", 1.0)
+    monkeypatch.setattr(_retrieval, "SCORE_CHUNK_BYTES", 0)
+    _retrieval.FALLBACKS.clear()
+    return _retrieval
 
 
 # (B, N, d, k, dtype, exclude width, max_score): ragged, both half dtypes, filters that leave few eligible.
@@ -679,7 +679,7 @@ def test_chunked_select_keeps_exactly_the_scores_at_or_above_the_threshold(devic
     min(count, capacity) of them (on CPU the first in id order), ragged chunks, max_score, overflow, NaN/Inf."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from elva_kernels import _split_select
+    from elva_kernels import _retrieval
 
     op = getattr(torch.ops.elva, f"threshold_topk_{device}").default
     gen = torch.Generator().manual_seed(31)
@@ -694,7 +694,7 @@ def test_chunked_select_keeps_exactly_the_scores_at_or_above_the_threshold(devic
         survives = exact >= threshold[:, None].double()
         if limited:
             survives &= exact <= max_score[:, None].double()
-        args = [x.to(device) for x in (q, c, _split_select.scales(q, "cosine"), _split_select.scales(c, "cosine"),
+        args = [x.to(device) for x in (q, c, _retrieval.scales(q, "cosine"), _retrieval.scales(c, "cosine"),
                                        threshold)]
         count, scores, ids, nonfinite = op(*args, None if max_score is None else max_score.to(device), capacity,
                                            chunk)
@@ -707,7 +707,7 @@ def test_chunked_select_keeps_exactly_the_scores_at_or_above_the_threshold(devic
             if device == "cpu":
                 assert torch.equal(held, survives[row].nonzero().flatten()[:capacity]), "CPU keeps id order"
     c[3, 0] = float("inf")
-    args = [x.to(device) for x in (q, c, _split_select.scales(q, "dot"), _split_select.scales(c, "dot"), threshold)]
+    args = [x.to(device) for x in (q, c, _retrieval.scales(q, "dot"), _retrieval.scales(c, "dot"), threshold)]
     assert op(*args, None, 4, 256)[3].item() == 1, "a NaN/Inf score sets the flag"
 
 
@@ -742,14 +742,14 @@ def test_host_work_does_not_grow_with_the_pool(backend, device, small_sample):
 
 def test_threshold_plan_meets_the_miss_bound():
     """m, j, C as the docstring derives them, for the headline sizes."""
-    from elva_kernels import _split_select
+    from elva_kernels import _retrieval
 
-    plan = _split_select.threshold_plan(1024, 1_000_000, 10)
+    plan = _retrieval.threshold_plan(1024, 1_000_000, 10)
     assert (plan.sample, plan.rank) == (8192, 6) and 3 * 1024 <= plan.capacity <= 4096
-    plan = _split_select.threshold_plan(4096, 1_000_000, 1000)
+    plan = _retrieval.threshold_plan(4096, 1_000_000, 1000)
     assert (plan.sample, plan.rank) == (16384, 45) and 1000 <= plan.capacity <= 6144
-    assert plan.rows * plan.capacity * 8 <= _split_select.BUFFER_BYTES * 1.2
-    assert _split_select.threshold_plan(1024, 50_000, 10) is None  # too small a pool: the exact path
+    assert plan.rows * plan.capacity * 8 <= _retrieval.BUFFER_BYTES * 1.2
+    assert _retrieval.threshold_plan(1024, 50_000, 10) is None  # too small a pool: the exact path
 
 
 # ---- the C++ backend's kernel variants ---------------------------------------------------------------------------

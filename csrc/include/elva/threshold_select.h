@@ -1,5 +1,5 @@
 // The select step of the chunked threshold pass (the CUDA backend's similarity_topk main path; the threshold,
-// its exactness and the fallbacks are in elva_kernels/_split_select.py). A GEMM writes one chunk of fp32
+// its exactness and the fallbacks are in elva_kernels/_retrieval.py). A GEMM writes one chunk of fp32
 // products acc[i, j] = <q_i, c_j>; the select scales each, compares it with the query's threshold and appends
 // the survivors to the query's buffer. Torch-free: the CPU twin (csrc/cpu), the CUDA kernel (csrc/cuda) and the
 // bindings share the per-score rule below, so the CPU tests cover the CUDA kernel's semantics.

@@ -1,4 +1,4 @@
-// CUDA launchers of the per-split selection kernels behind elva_kernels/_split_select.py (keys, eligibility,
+// CUDA launchers of the per-split selection kernels behind elva_kernels/_retrieval.py (keys, eligibility,
 // list layout and sentinels are defined in that module's docstring). Torch-free, so that nvcc and ctest build
 // them without libtorch.
 #pragma once

@@ -1,4 +1,9 @@
-"""Exact top-k and rank statistics on GPU from per-split kernels (the Triton and CUDA backends).
+"""The Triton and CUDA backends of the three retrieval ops (similarity_topk, rank_statistics, mine_hard_negatives).
+
+Each op's file (ops/<op>.py) registers its two GPU backends here with ``register``: this module drives the kernels
+of triton/<op>.py or the CUDA extension and proves the results exact. Top-k by score on large pools takes the
+threshold path (below); rank statistics count in one pass (``rank_counts``); everything else takes the exact path of
+per-split top lists:
 
 The candidates are cut into S splits of ``split_size`` rows. A kernel streams score tiles
 through registers/shared memory and keeps, for every (query, split), only a short list of

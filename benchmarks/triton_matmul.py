@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from elva_kernels import _retrieval
-from elva_kernels.triton.similarity_topk import PROGRAMS_PER_SM, THRESHOLD_TILES, _score_tile, upcast_for
+from elva_kernels.triton.similarity_topk import PROGRAMS_PER_SM, THRESHOLD_TILES, _persistent_tile, upcast_for
 
 
 @triton.jit
@@ -23,12 +23,9 @@ def plain_matmul_kernel(
     row_tiles = tl.cdiv(num_queries, BLOCK_M)
     tiles = row_tiles * tl.cdiv(num_candidates, BLOCK_N)
     for tile in tl.range(tl.program_id(0), tiles, num_programs):
-        rows = (tile % row_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = (tile // row_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < num_queries
-        col_ok = cols < num_candidates
-        scores = _score_tile(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, rows.to(tl.int64), cols.to(tl.int64), row_ok,
-                             col_ok, dim, stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, EVEN_K)
+        rows, cols, row_ok, col_ok, scores = _persistent_tile(
+            tile, row_tiles, q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, num_queries, num_candidates, dim, stride_q,
+            stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, EVEN_K)
         out = out_ptr + rows.to(tl.int64)[:, None] * num_candidates + cols[None, :]
         tl.store(out, scores.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 

@@ -71,6 +71,19 @@ class CountOps(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def host_ops_per_pool(run: Callable, device: str, pools=(3000, 24000)) -> list[int]:
+    """How many torch ops (CountOps) ``run(queries, candidates, positives)`` issues for each pool size: 4 queries,
+    d = 16, one positive each (the first, a middle and the last candidate among them)."""
+    counts = []
+    for pool in pools:
+        q, c = torch.randn(4, 16, device=device), torch.randn(pool, 16, device=device)
+        positives = torch.tensor([[0], [5], [pool - 1], [pool // 2]], device=device)
+        with CountOps() as ops:
+            run(q, c, positives)
+        counts.append(ops.count)
+    return counts
+
+
 def ragged_size(gen: torch.Generator, low: int, high: int) -> int:
     return int(torch.randint(low, high + 1, (1,), generator=gen))
 

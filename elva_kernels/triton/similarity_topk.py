@@ -190,6 +190,22 @@ def split_topk_kernel(
 
 
 @triton.jit
+def _persistent_tile(tile, row_tiles, q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, num_queries, num_candidates, dim,
+                     stride_q, stride_c, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     UPCAST: tl.constexpr, EVEN_K: tl.constexpr):
+    """(rows, cols, row_ok, col_ok, scores) of a persistent program's ``tile``. Query tiles run fastest: the
+    programs in flight work on a few candidate tiles at a time. Ids fit 32 bits (B, N < 2**31); only the addresses
+    are 64-bit."""
+    rows = (tile % row_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (tile // row_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < num_queries
+    col_ok = cols < num_candidates
+    scores = _score_tile(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, rows.to(tl.int64), cols.to(tl.int64), row_ok,
+                         col_ok, dim, stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, EVEN_K)
+    return rows, cols, row_ok, col_ok, scores
+
+
+@triton.jit
 def threshold_topk_kernel(
     q_ptr, c_ptr, q_scale_ptr, c_scale_ptr,  # rows (fp32/fp16/bf16) and their fp32 scales
     threshold_ptr,  # fp32 [B]: a score survives when >= its query's threshold
@@ -205,14 +221,9 @@ def threshold_topk_kernel(
     tiles = row_tiles * tl.cdiv(num_candidates, BLOCK_N)
     bad = tl.zeros([BLOCK_M], dtype=tl.int32)
     for tile in tl.range(tl.program_id(0), tiles, num_programs):
-        # Query tiles fastest: the programs in flight work on a few candidate tiles at a time. Ids fit 32 bits
-        # (B, N < 2**31); only the addresses are 64-bit.
-        rows = (tile % row_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = (tile // row_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < num_queries
-        col_ok = cols < num_candidates
-        scores = _score_tile(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, rows.to(tl.int64), cols.to(tl.int64), row_ok,
-                             col_ok, dim, stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, EVEN_K)
+        rows, cols, row_ok, col_ok, scores = _persistent_tile(
+            tile, row_tiles, q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, num_queries, num_candidates, dim, stride_q,
+            stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, EVEN_K)
         threshold = tl.load(threshold_ptr + rows, mask=row_ok, other=float("inf"))  # padded rows never survive
         survives = (scores >= threshold[:, None]) & col_ok[None, :]
         if HAS_MAX_SCORE:

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from elva_kernels import mine_hard_negatives, similarity_topk
-from tests.helpers import backend_matrix, dtypes_of, random_rows, ragged_size, require_backend, runs_as
+from tests.helpers import (
+    backend_matrix, dtypes_of, host_ops_per_pool, random_rows, ragged_size, require_backend, runs_as,
+)
 from tests.ops import naive
 
 OP = "mine_hard_negatives"
@@ -177,15 +179,9 @@ def test_host_work_does_not_grow_with_the_pool(backend, device):
     as for N = 24000 (both pools take the exact path; similarity_topk's test counts the threshold path's). The
     shared implementation is called directly: a mode sees no further than a registered op."""
     from elva_kernels import _retrieval
-    from tests.helpers import CountOps
 
     require_backend(OP, backend, device)
     kernels = _retrieval._triton_kernels() if backend == "triton" else _retrieval._cuda_kernels()
-    counts = []
-    for pool in (3000, 24000):
-        q, c = torch.randn(4, 16, device=device), torch.randn(pool, 16, device=device)
-        positives = torch.tensor([[0], [5], [pool - 1], [pool // 2]], device=device)
-        with CountOps() as ops:
-            _retrieval.mine_hard_negatives(kernels, q, c, positives, 5, 5, None, 0)
-        counts.append(ops.count)
+    counts = host_ops_per_pool(lambda q, c, positives: _retrieval.mine_hard_negatives(kernels, q, c, positives, 5, 5,
+                                                                                      None, 0), device)
     assert counts[0] == counts[1], counts

@@ -13,8 +13,8 @@ import torch
 
 from elva_kernels import _retrieval, rank_statistics, similarity_topk
 from tests.helpers import (
-    CountOps, assert_close_verbose, backend_matrix, dtypes_of, on_device, ragged_size, random_rows, require_backend,
-    runs_as,
+    assert_close_verbose, backend_matrix, dtypes_of, on_device, ragged_size, random_rows, require_backend,
+    host_ops_per_pool, runs_as,
 )
 from tests.ops import naive
 
@@ -308,13 +308,8 @@ def test_host_work_does_not_grow_with_the_pool(backend, device):
     registered op."""
     require_backend(OP, backend, device)
     kernels = _retrieval._triton_kernels() if backend == "triton" else _retrieval._cuda_kernels()
-    counts = []
-    for pool in (3000, 24000):
-        q, c = torch.randn(4, 16, device=device), torch.randn(pool, 16, device=device)
-        positives = torch.tensor([[0], [5], [pool - 1], [pool // 2]], device=device)
-        with CountOps() as ops:
-            _retrieval.rank_statistics(kernels, q, c, positives, "cosine", None)
-        counts.append(ops.count)
+    counts = host_ops_per_pool(lambda q, c, positives: _retrieval.rank_statistics(kernels, q, c, positives, "cosine",
+                                                                                  None), device)
     assert counts[0] == counts[1], counts
 
 

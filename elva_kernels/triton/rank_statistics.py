@@ -215,8 +215,8 @@ def _aot_cases(dtype):
                    # address setup and row reductions. 10.3 at 128 x 128 on sm_90.
                    max_epilogue_per_score=11, int64_compares=False,
                    known={} if on_tensor_cores else {
-                       "epilogue": "issue 15: fp32 rows are FFMA dots; their smaller tile pays the per-tile setup on "
-                                   "fewer scores"}),
+                       "epilogue": "issue 15: fp32 rows are FFMA dots (not the headline path): 32 scores per thread "
+                                   "share the tile's setup, about 2% of its 48k FFMAs at d = 1536"}),
         num_warps=warps, num_stages=stages)
     return [pair, counts]
 

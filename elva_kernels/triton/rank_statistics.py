@@ -23,8 +23,8 @@ import triton.language as tl
 from elva_kernels import _retrieval
 from elva_kernels.triton import aot
 from elva_kernels.triton.similarity_topk import (
-    HEADLINE_CANDIDATES, HEADLINE_DIM, HEADLINE_QUERIES, HEADLINE_SMS, INTERPRETED, PROGRAMS_PER_SM, THRESHOLD_TILES,
-    _score_tile, upcast_for,
+    HEADLINE_CANDIDATES, HEADLINE_DIM, HEADLINE_QUERIES, HEADLINE_SMS, PROGRAMS_PER_SM, THRESHOLD_TILES,
+    _max_with_nan, _row_magnitude, _score_tile, upcast_for,
 )
 
 # The threshold pass's tiles, except for fp32 rows, whose FFMA operands beside the count epilogue fit 64 x 128 x 32
@@ -77,11 +77,6 @@ def _drop_listed(scores, ids_ptr, rows, row_ok, width, cols):
 
 
 @triton.jit
-def _max_with_nan(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
 def rank_counts_kernel(
     q_ptr, c_ptr, q_scale_ptr, c_scale_ptr,  # rows (fp32/fp16/bf16) and their fp32 scales
     positives_ptr, positives_width,  # int64 [B, width], -1 padded
@@ -115,11 +110,7 @@ def rank_counts_kernel(
         cols = start + tl.arange(0, BLOCK_N)
         scores = _score_tile(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, rows64, cols.to(tl.int64), row_ok,
                              cols < last, dim, stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, EVEN_K)
-        if INTERPRETED:  # the interpreter runs a custom reduction in Python, score by score
-            magnitudes = tl.where(scores != scores, float("inf"), tl.abs(scores))
-            largest = tl.maximum(largest, tl.max(magnitudes, axis=1))
-        else:
-            largest = _max_with_nan(largest, tl.reduce(tl.abs(scores), 1, _max_with_nan))
+        largest = _max_with_nan(largest, _row_magnitude(scores))
         if (tl.min(listed_next, axis=0) < end) | (end > last):  # the rare branch: listed ids or the ragged end
             # Listed ids and padding score -inf, which never ranks ahead of a finite positive score.
             scores = tl.where((cols < last)[None, :], scores, float("-inf"))

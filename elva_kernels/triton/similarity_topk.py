@@ -1,9 +1,9 @@
 """Triton kernels of similarity_topk: the threshold pass (the main path) and per-split top lists (the exact path).
 
 threshold_topk_kernel is a persistent GEMM over 128 x 128 score tiles (8 warps, a pipelined K loop) whose epilogue
-is one fp32 compare per score against the query's threshold (``_retrieval``'s docstring says where it comes
-from and why the result is exact). Only the rare survivors take the append branch: an atomic slot in the query's
-buffer and two stores. Query tiles run fastest, so the programs in flight share a few candidate tiles and each
+compares each row's best score with the query's threshold (``_retrieval``'s docstring says where it comes from and
+why the result is exact) and checks its largest |score| for NaN/Inf: two maxima per score. Only tiles with a
+survivor take the append branch: an atomic slot in the query's buffer and two stores per survivor. Query tiles run fastest, so the programs in flight share a few candidate tiles and each
 candidate row is read from HBM about once.
 
 split_topk_kernel, the exact path for small pools, fallback rows and mining's random keys:
@@ -88,6 +88,21 @@ def _key_scores(keys):
 def _nonfinite(x):
     """NaN or +-Inf, from the exponent bits: ``x - x != 0`` would be contracted into an FMA of x's product."""
     return (x.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000
+
+
+@triton.jit
+def _max_with_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _row_magnitude(scores):
+    """Per row, the largest |score|, NaN where one is NaN (so ``~(m <= FLT_MAX)`` tells NaN/Inf): one FMNMX.NAN
+    per score. The interpreter runs custom reductions in Python score by score, so there NaN counts as +inf."""
+    if INTERPRETED:
+        return tl.max(tl.where(scores != scores, float("inf"), tl.abs(scores)), axis=1)
+    else:
+        return tl.reduce(tl.abs(scores), 1, _max_with_nan)
 
 
 @triton.jit
@@ -225,11 +240,14 @@ def threshold_topk_kernel(
             tile, row_tiles, q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, num_queries, num_candidates, dim, stride_q,
             stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, EVEN_K)
         threshold = tl.load(threshold_ptr + rows, mask=row_ok, other=float("inf"))  # padded rows never survive
-        survives = (scores >= threshold[:, None]) & col_ok[None, :]
-        if HAS_MAX_SCORE:
-            survives = survives & (scores <= tl.load(max_score_ptr + rows, mask=row_ok, other=0.0)[:, None])
-        odd = ~(tl.abs(scores) <= 3.4028234663852886e38)  # NaN or +-Inf (padding scores 0)
-        if tl.max(tl.max((survives | odd).to(tl.int32), axis=1), axis=0) > 0:  # the rare branch
+        # Per row, two maxima per score decide whether the tile needs the rare branch: a score at or above the
+        # threshold (max_score and padding are sorted out there), or a NaN/Inf one.
+        hopeful = (tl.max(scores, axis=1) >= threshold) | ~(_row_magnitude(scores) <= 3.4028234663852886e38)
+        if tl.max(hopeful.to(tl.int32), axis=0) > 0:  # the rare branch
+            survives = (scores >= threshold[:, None]) & col_ok[None, :]
+            if HAS_MAX_SCORE:
+                survives = survives & (scores <= tl.load(max_score_ptr + rows, mask=row_ok, other=0.0)[:, None])
+            odd = ~(tl.abs(scores) <= 3.4028234663852886e38)  # NaN or +-Inf (padding scores 0)
             bad = bad | tl.max(odd.to(tl.int32), axis=1)
             # Flattened: Triton 3.9 cannot lower an atomic on the MMA layout (RemoveLayoutConversions asserts).
             # Offsets are 32-bit: a pass holds fewer than 2**31 buffer slots (_retrieval.BUFFER_BYTES).
@@ -364,10 +382,11 @@ def _threshold_topk_case(dtype, has_max_score):
         tensor_cores="HGMMA" if on_tensor_cores else None,
         min_mma_n=128 if on_tensor_cores else 0,
         async_copy=True,
-        # Outside the append branch. A plain matmul of the same 128 x 128 tiles that writes its scaled scores
-        # counts 11.6 by the same measure (the per-tile K-loop prologue and address setup); the compare, the
-        # NaN/Inf test, max_score and the tile-wide "any" add 3-5.
-        max_epilogue_per_score=17,
+        # Outside the append branch: two FMULs (the scales), FMNMX (the row's best) and FMNMX.NAN (its largest
+        # |score|) per score; the rest is the tile's K-loop prologue, address setup and row reductions. 10.2 for
+        # half rows at 128 x 128 on sm_90 (a plain matmul of the same tiles storing its scores counts 11.6), 14.5 for
+        # fp32 rows, whose FFMA tile has a longer prologue.
+        max_epilogue_per_score=11 if on_tensor_cores else 15,
         int64_compares=False,
         known={},
     )

@@ -629,6 +629,27 @@ def test_threshold_path_matches_reference(backend, device, small_sample):
 
 
 @pytest.mark.parametrize("backend,device", threshold_backends())
+def test_threshold_path_raises_on_non_finite_inputs(backend, device, small_sample):
+    """NaN/Inf in a query or a candidate past the sample's first chunk: the fused pass flags it and the error names
+    the input, as on the exact path. The bad candidate's tile holds no survivor of any query (its rows point away
+    from all of them), so only the NaN/Inf check can send it to the rare branch."""
+    require_threshold_backend(backend, device)
+    gen = torch.Generator().manual_seed(23)
+    base = torch.randn(8, generator=gen)
+    candidates = torch.randn(3000, 8, generator=gen)
+    candidates[2688:2816] = -base + 0.1 * torch.randn(128, 8, generator=gen)
+    clean = {"queries": base + 0.1 * torch.randn(4, 8, generator=gen), "candidates": candidates}
+    for name, dtype, bad, metric, _ in NON_FINITE:
+        require_threshold_backend(backend, device, dtype)
+        inputs = {key: value.to(dtype).to(device, copy=True) for key, value in clean.items()}
+        inputs[name][1 if name == "queries" else 2800, 3] = bad
+        assert small_sample.threshold_plan(4, 3000, 5) is not None
+        case = {**inputs, "k": 5, "metric": metric, "exclude": None, "max_score": None}
+        with pytest.raises(ValueError, match=f"{name} must contain only finite values"):
+            run_threshold(case, backend)
+
+
+@pytest.mark.parametrize("backend,device", threshold_backends())
 def test_threshold_overflow_reruns_and_stays_exact(backend, device, small_sample, monkeypatch):
     """A capacity of k: almost every query overflows, is rerun above the k-th best buffered score, and some end
     on the exact path; sorted candidates (the best at the end) and all-equal scores as well."""

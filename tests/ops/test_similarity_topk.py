@@ -649,6 +649,31 @@ def test_threshold_path_raises_on_non_finite_inputs(backend, device, small_sampl
             run_threshold(case, backend)
 
 
+@pytest.mark.parametrize("backend,device", [p for p in threshold_backends() if p.values[1] == "cuda"])
+def test_threshold_path_ties_exact_duplicates_by_id_on_gpu(backend, device):
+    """At production sizes (the threshold path, 128 x 128 tiles; cuBLAS chunks on CUDA), exact copies of candidates
+    placed anywhere in the pool score bitwise-equal whatever tile or chunk column holds them, so of two copies the
+    smaller id never ranks behind the larger one, and equal scores come out by id."""
+    require_threshold_backend(backend, device, torch.bfloat16)
+    gen = torch.Generator(device).manual_seed(31)
+    q = torch.randn(300, 128, device=device, generator=gen).bfloat16()
+    c = torch.randn(200_000, 128, device=device, generator=gen).bfloat16()
+    c[:2000] = q[torch.arange(2000, device=device) % 300] + 0.5 * c[:2000]  # near each query: in its top k
+    sources = torch.randperm(2000, device=device, generator=gen)[:600]
+    copies = torch.randperm(200_000 - 2000, device=device, generator=gen)[:600] + 2000
+    c[copies] = c[sources]
+    values, ids = similarity_topk(q, c, 100, backend=backend)
+    twin = torch.full((200_000,), -1, dtype=torch.int64, device=device)
+    twin[sources], twin[copies] = copies, sources
+    for row_values, row_ids in zip(values.cpu().tolist(), ids.cpu().tolist()):
+        chosen = set(row_ids)
+        for value, later_value, first, later in zip(row_values, row_values[1:], row_ids, row_ids[1:]):
+            assert value > later_value or (value == later_value and first < later), "ties come out by id"
+        for candidate in row_ids:
+            other = int(twin[candidate])
+            assert other < 0 or other > candidate or other in chosen, "a copy's smaller id was left behind"
+
+
 @pytest.mark.parametrize("backend,device", threshold_backends())
 def test_threshold_overflow_reruns_and_stays_exact(backend, device, small_sample, monkeypatch):
     """A capacity of k: almost every query overflows, is rerun above the k-th best buffered score, and some end

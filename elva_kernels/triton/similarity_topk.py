@@ -1,6 +1,7 @@
 """Triton kernels of similarity_topk: the threshold pass (the main path) and per-split top lists (the exact path).
 
-threshold_topk_kernel is a persistent GEMM over 128 x 128 score tiles (8 warps, a pipelined K loop) whose epilogue
+threshold_topk_kernel is a persistent GEMM over 128 x 128 score tiles (8 warps, a pipelined K loop; half rows load by
+TMA from tensor descriptors, fp32 rows and rows TMA cannot read by pointers) whose epilogue
 compares each row's best score with the query's threshold (``_retrieval``'s docstring says where it comes from and
 why the result is exact) and checks its largest |score| for NaN/Inf: two maxima per score. Only tiles with a
 survivor take the append branch: an atomic slot in the query's buffer and two stores per survivor. Query tiles run fastest, so the programs in flight share a few candidate tiles and each
@@ -24,6 +25,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from elva_kernels import _retrieval
 from elva_kernels.triton import aot
@@ -60,6 +62,27 @@ def _score_tile(
             # numpy's matmul may round a score differently by its column in the tile (BLAS edge kernels), which
             # breaks the bitwise ties of duplicate candidates; an MMA does not. Exact fp32 products, summed in k
             # order, are the same for every position.
+            acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+        else:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+    q_scale = tl.load(q_scale_ptr + rows, mask=row_ok, other=0.0)
+    c_scale = tl.load(c_scale_ptr + cols, mask=col_ok, other=0.0)
+    return (acc * q_scale[:, None]) * c_scale[None, :]
+
+
+@triton.jit
+def _score_tile_tma(q_desc, c_desc, q_scale_ptr, c_scale_ptr, row0, col0, rows, cols, row_ok, col_ok, dim,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """``_score_tile`` with the rows loaded by TMA from tensor descriptors ([BLOCK_M, BLOCK_K] query and
+    [BLOCK_N, BLOCK_K] candidate blocks at (row0, k) and (col0, k)); out-of-range rows and K columns load as 0."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, dim, BLOCK_K):
+        a = q_desc.load([row0, k0])
+        b = tl.trans(c_desc.load([col0, k0]))
+        if UPCAST:  # bf16 arithmetic is wrong in the interpreter: fp32 holds bf16 products exactly
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if INTERPRETED:  # as in _score_tile: exact products summed in k order, the same for every position
             acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
         else:
             acc = tl.dot(a, b, acc, input_precision="ieee")
@@ -205,31 +228,38 @@ def split_topk_kernel(
 
 
 @triton.jit
-def _persistent_tile(tile, row_tiles, q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, num_queries, num_candidates, dim,
-                     stride_q, stride_c, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     UPCAST: tl.constexpr, EVEN_K: tl.constexpr):
-    """(rows, cols, row_ok, col_ok, scores) of a persistent program's ``tile``. Query tiles run fastest: the
-    programs in flight work on a few candidate tiles at a time. Ids fit 32 bits (B, N < 2**31); only the addresses
-    are 64-bit."""
-    rows = (tile % row_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (tile // row_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _persistent_tile(tile, row_tiles, q_ptr, c_ptr, q_desc, c_desc, q_scale_ptr, c_scale_ptr, num_queries,
+                     num_candidates, dim, stride_q, stride_c, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr):
+    """(rows, cols, row_ok, col_ok, scores) of a persistent program's ``tile``, loaded by TMA when ``USE_TMA`` (the
+    descriptors; else the pointers). Query tiles run fastest: the programs in flight work on a few candidate tiles
+    at a time. Ids fit 32 bits (B, N < 2**31); only the addresses are 64-bit."""
+    row0 = (tile % row_tiles) * BLOCK_M
+    col0 = (tile // row_tiles) * BLOCK_N
+    rows = row0 + tl.arange(0, BLOCK_M)
+    cols = col0 + tl.arange(0, BLOCK_N)
     row_ok = rows < num_queries
     col_ok = cols < num_candidates
-    scores = _score_tile(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, rows.to(tl.int64), cols.to(tl.int64), row_ok,
-                         col_ok, dim, stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, EVEN_K)
+    if USE_TMA:
+        scores = _score_tile_tma(q_desc, c_desc, q_scale_ptr, c_scale_ptr, row0, col0, rows, cols, row_ok, col_ok,
+                                 dim, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+    else:
+        scores = _score_tile(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, rows.to(tl.int64), cols.to(tl.int64), row_ok,
+                             col_ok, dim, stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, EVEN_K)
     return rows, cols, row_ok, col_ok, scores
 
 
 @triton.jit
 def threshold_topk_kernel(
     q_ptr, c_ptr, q_scale_ptr, c_scale_ptr,  # rows (fp32/fp16/bf16) and their fp32 scales
+    q_desc, c_desc,  # with USE_TMA: TMA descriptors of the rows ([BLOCK_M | BLOCK_N, BLOCK_K] blocks)
     threshold_ptr,  # fp32 [B]: a score survives when >= its query's threshold
     max_score_ptr,  # fp32 [B] (HAS_MAX_SCORE): ... and <= max_score
     count_ptr,  # int32 [B], zeroed: survivors per query, also those past the capacity (overflow)
     score_out_ptr, id_out_ptr,  # fp32 / int32 [B, capacity]: the survivors, in arrival order
     nonfinite_ptr,  # int32 [1], set to 1 on a NaN/Inf score
     num_queries, num_candidates, dim, stride_q, stride_c, capacity, num_programs,
-    HAS_MAX_SCORE: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_MAX_SCORE: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     row_tiles = tl.cdiv(num_queries, BLOCK_M)
@@ -237,8 +267,8 @@ def threshold_topk_kernel(
     bad = tl.zeros([BLOCK_M], dtype=tl.int32)
     for tile in tl.range(tl.program_id(0), tiles, num_programs):
         rows, cols, row_ok, col_ok, scores = _persistent_tile(
-            tile, row_tiles, q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, num_queries, num_candidates, dim, stride_q,
-            stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, EVEN_K)
+            tile, row_tiles, q_ptr, c_ptr, q_desc, c_desc, q_scale_ptr, c_scale_ptr, num_queries, num_candidates,
+            dim, stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, EVEN_K, USE_TMA)
         threshold = tl.load(threshold_ptr + rows, mask=row_ok, other=float("inf"))  # padded rows never survive
         # Per row, two maxima per score decide whether the tile needs the rare branch: a score at or above the
         # threshold (max_score and padding are sorted out there), or a NaN/Inf one.
@@ -259,6 +289,21 @@ def threshold_topk_kernel(
             tl.store(score_out_ptr + out, tl.reshape(scores, [BLOCK_M * BLOCK_N]), mask=stored)
             tl.store(id_out_ptr + out, tl.reshape(cols[None, :] + rows[:, None] * 0, [BLOCK_M * BLOCK_N]), mask=stored)
     tl.atomic_max(nonfinite_ptr, 1, mask=tl.max(bad, axis=0) > 0)
+
+
+def tma_ready(x: torch.Tensor) -> bool:
+    """TMA reads rows from a 16-byte-aligned base with a 16-byte-multiple row stride (unit-stride rows)."""
+    return x.stride(1) == 1 and x.data_ptr() % 16 == 0 and (x.stride(0) * x.element_size()) % 16 == 0
+
+
+def tma_descriptors(queries, candidates, block_m, block_n, block_k):
+    """(query descriptor, candidate descriptor, True) for fp16/bf16 rows that are both ``tma_ready``; else the
+    tensors themselves (unused by the kernel) and False. fp32 rows keep pointer loads: their FFMA dot reads its
+    operands into registers, and beside TMA's staging they spill (1176 B on sm_90)."""
+    if queries.dtype == torch.float32 or not (tma_ready(queries) and tma_ready(candidates)):
+        return queries, candidates, False
+    return (TensorDescriptor.from_tensor(queries, [block_m, block_k]),
+            TensorDescriptor.from_tensor(candidates, [block_n, block_k]), True)
 
 
 def upcast_for(dtype: torch.dtype, device: torch.device) -> bool:
@@ -307,12 +352,13 @@ def threshold_topk(queries, candidates, query_scale, candidate_scale, threshold,
     block_m, block_n, block_k, warps, stages = THRESHOLD_TILES[queries.dtype]
     tiles = triton.cdiv(num_queries, block_m) * triton.cdiv(num_candidates, block_n)
     programs = min(tiles, PROGRAMS_PER_SM * _retrieval.multiprocessor_count(device))
+    q_desc, c_desc, use_tma = tma_descriptors(queries, candidates, block_m, block_n, block_k)
     threshold_topk_kernel[(programs,)](
-        queries, candidates, query_scale, candidate_scale, threshold.contiguous(),
+        queries, candidates, query_scale, candidate_scale, q_desc, c_desc, threshold.contiguous(),
         max_score if max_score is not None else threshold, count, scores, ids, nonfinite,
         num_queries, num_candidates, dim, queries.stride(0), candidates.stride(0), capacity, programs,
         HAS_MAX_SCORE=max_score is not None, UPCAST=upcast_for(queries.dtype, device),
-        EVEN_K=dim % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN_K=dim % block_k == 0, USE_TMA=use_tma, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=warps, num_stages=stages,
     )
     return count, scores, ids, nonfinite
@@ -361,20 +407,23 @@ def _split_topk_case(dtype, list_size, key_mode, has_max_score, exclude_width):
     return aot.Case(split_topk_kernel, label, args, expect, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
-def _threshold_topk_case(dtype, has_max_score):
+def _threshold_topk_case(dtype, has_max_score, use_tma=True):
     plan = _retrieval.threshold_plan(HEADLINE_QUERIES, HEADLINE_CANDIDATES, 100)
     rows, dim, capacity = plan.rows, HEADLINE_DIM, plan.capacity
     element = aot.DTYPES[dtype]
     block_m, block_n, block_k, warps, stages = THRESHOLD_TILES[element]
+    queries, candidates = aot.meta(rows, dim, dtype=element), aot.meta(HEADLINE_CANDIDATES, dim, dtype=element)
+    q_desc, c_desc, _ = tma_descriptors(queries, candidates, block_m, block_n, block_k) if use_tma else (
+        queries, candidates, False)
     args = dict(
-        q_ptr=aot.meta(rows, dim, dtype=element), c_ptr=aot.meta(HEADLINE_CANDIDATES, dim, dtype=element),
+        q_ptr=queries, c_ptr=candidates, q_desc=q_desc, c_desc=c_desc,
         q_scale_ptr=aot.meta(rows), c_scale_ptr=aot.meta(HEADLINE_CANDIDATES), threshold_ptr=aot.meta(rows),
         max_score_ptr=aot.meta(rows), count_ptr=aot.meta(rows, dtype=torch.int32),
         score_out_ptr=aot.meta(rows, capacity), id_out_ptr=aot.meta(rows, capacity, dtype=torch.int32),
         nonfinite_ptr=aot.meta(1, dtype=torch.int32),
         num_queries=rows, num_candidates=HEADLINE_CANDIDATES, dim=dim, stride_q=dim, stride_c=dim,
         capacity=capacity, num_programs=HEADLINE_SMS * PROGRAMS_PER_SM,
-        HAS_MAX_SCORE=has_max_score, UPCAST=False, EVEN_K=dim % block_k == 0,
+        HAS_MAX_SCORE=has_max_score, UPCAST=False, EVEN_K=dim % block_k == 0, USE_TMA=use_tma,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )
     on_tensor_cores = dtype != "fp32"  # fp32 rows take exact fp32 FMAs (input_precision="ieee")
@@ -382,15 +431,16 @@ def _threshold_topk_case(dtype, has_max_score):
         tensor_cores="HGMMA" if on_tensor_cores else None,
         min_mma_n=128 if on_tensor_cores else 0,
         async_copy=True,
+        tma=use_tma,
         # Outside the append branch: two FMULs (the scales), FMNMX (the row's best) and FMNMX.NAN (its largest
-        # |score|) per score; the rest is the tile's K-loop prologue, address setup and row reductions. 10.2 for
-        # half rows at 128 x 128 on sm_90 (a plain matmul of the same tiles storing its scores counts 11.6), 14.5 for
-        # fp32 rows, whose FFMA tile has a longer prologue.
+        # |score|) per score; the rest is the tile's K-loop prologue, address setup and row reductions. On sm_90:
+        # 9.5 for half rows by TMA at 128 x 128, 10.2 by pointers (a plain matmul of the same tiles storing its
+        # scores counts 11.6), 14.5 for fp32 rows, whose FFMA tile has a longer prologue.
         max_epilogue_per_score=11 if on_tensor_cores else 15,
         int64_compares=False,
         known={},
     )
-    label = f"{dtype}" + (", max_score" if has_max_score else "")
+    label = f"{dtype}" + (", max_score" if has_max_score else "") + ("" if use_tma else ", pointer loads")
     return aot.Case(threshold_topk_kernel, label, args, expect, num_warps=warps, num_stages=stages)
 
 
@@ -402,4 +452,8 @@ AOT_CASES = [
     for list_size in (16, _retrieval.LIST_MAX)
     for key_mode, has_max_score in ((0, True), (1, True), (1, False))
 ]
-AOT_CASES += [_threshold_topk_case(dtype, has_max_score) for dtype in aot.DTYPES for has_max_score in (False, True)]
+# Half rows load by TMA; fp32 rows, and half rows TMA cannot read (a row stride that is not a multiple of 16 bytes),
+# by pointers.
+AOT_CASES += [_threshold_topk_case(dtype, has_max_score, use_tma=dtype != "fp32") for dtype in aot.DTYPES
+              for has_max_score in (False, True)]
+AOT_CASES += [_threshold_topk_case(dtype, False, use_tma=False) for dtype in ("fp16", "bf16")]

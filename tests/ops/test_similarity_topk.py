@@ -604,7 +604,20 @@ THRESHOLD_CASES = [
     (40, 2500, 64, 50, torch.float16, 3, None),
     (7, 5000, 33, 200, torch.float32, 4, 0.3),
     (3, 4000, 16, 1, torch.float16, 1, -0.2),
+    (6, 3000, 33, 10, torch.float16, 2, None),  # 66-byte rows: pointer loads, not TMA
 ]
+
+
+def test_threshold_pass_loads_half_rows_by_tma():
+    """Half rows with 16-byte-multiple strides get TMA descriptors; fp32 rows and other strides keep pointers."""
+    from elva_kernels.triton.similarity_topk import tma_descriptors
+
+    def uses_tma(rows, dim, dtype):
+        return tma_descriptors(torch.zeros(rows, dim, dtype=dtype), torch.zeros(300, dim, dtype=dtype), 128, 128,
+                               64)[2]
+
+    assert uses_tma(5, 64, torch.float16) and uses_tma(5, 24, torch.bfloat16)
+    assert not uses_tma(5, 33, torch.float16) and not uses_tma(5, 64, torch.float32)
 
 
 def check_threshold_case(backend, device, gen, rows, pool, dim, k, dtype, width, max_score, *, candidates=None):

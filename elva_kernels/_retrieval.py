@@ -138,6 +138,11 @@ def scales(x: torch.Tensor, metric: str) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(_common.NORM_EPS).reciprocal()
 
 
+def pool_scales(candidates: torch.Tensor, metric: str, given: torch.Tensor | None) -> torch.Tensor:
+    """The pool's scales: ``given`` (an ``ek.Candidates`` handle's) or computed now."""
+    return scales(candidates, metric) if given is None else given.contiguous()
+
+
 def unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
     """The kernels take a row stride but need unit-stride rows: only other layouts are copied."""
     return x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
@@ -378,7 +383,7 @@ def similarity_topk(kernels: Kernels, queries, candidates, k, metric, exclude, m
     if exclude is not None:
         _validate.ids_in_range("exclude", exclude, candidates.shape[0])
         exclude = exclude.contiguous()
-    candidate_scale = scales(candidates, metric) if candidate_scale is None else candidate_scale.contiguous()
+    candidate_scale = pool_scales(candidates, metric, candidate_scale)
     keys = threshold_top_keys(kernels, queries, candidates, scales(queries, metric), candidate_scale, exclude,
                               max_score, k)
     return decode(keys)
@@ -394,7 +399,7 @@ def rank_statistics(kernels: Kernels, queries, candidates, positives, metric, ex
         _validate.ids_in_range("exclude", exclude, candidates.shape[0])
         exclude = exclude.contiguous()
     query_scale = scales(queries, metric)
-    candidate_scale = scales(candidates, metric) if candidate_scale is None else candidate_scale.contiguous()
+    candidate_scale = pool_scales(candidates, metric, candidate_scale)
     pos_scores = kernels.pair_scores(queries, candidates, query_scale, candidate_scale, positives)
     listed = positives >= 0
     pos_keys = torch.where(listed, score_keys(pos_scores.masked_fill(~listed, 0.0), positives), KEY_MIN).amax(1)
@@ -412,7 +417,7 @@ def mine_hard_negatives(kernels: Kernels, query_emb, pool_emb, positives, n_hard
     query_emb, pool_emb, positives = unit_stride_rows(query_emb), unit_stride_rows(pool_emb), positives.contiguous()
     num_queries, num_candidates = query_emb.shape[0], pool_emb.shape[0]
     query_scale = scales(query_emb, "cosine")
-    candidate_scale = scales(pool_emb, "cosine") if pool_scale is None else pool_scale.contiguous()
+    candidate_scale = pool_scales(pool_emb, "cosine", pool_scale)
     names = ("query_emb", "pool_emb")
     if n_hard == 0 and max_score is None:  # no kernel computes a score, so none flags NaN/Inf
         _validate.finite("query_emb", query_emb)

@@ -42,6 +42,28 @@ NUM_WARPS, NUM_STAGES = 4, 3
 
 
 @triton.jit
+def _accumulate(acc, a, b, UPCAST: tl.constexpr):
+    """acc + a @ b for one K step ([M, K] x [K, N]) in fp32."""
+    if UPCAST:  # bf16 arithmetic is wrong in the interpreter: fp32 holds bf16 products exactly
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if INTERPRETED:
+        # numpy's matmul may round a score differently by its column in the tile (BLAS edge kernels), which
+        # breaks the bitwise ties of duplicate candidates; an MMA does not. Exact fp32 products, summed in k
+        # order, are the same for every position.
+        return acc + tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _scaled(acc, q_scale_ptr, c_scale_ptr, rows, cols, row_ok, col_ok):
+    """The score of each product: (acc * query scale) * candidate scale."""
+    q_scale = tl.load(q_scale_ptr + rows, mask=row_ok, other=0.0)
+    c_scale = tl.load(c_scale_ptr + cols, mask=col_ok, other=0.0)
+    return (acc * q_scale[:, None]) * c_scale[None, :]
+
+
+@triton.jit
 def _score_tile(
     q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, rows, cols, row_ok, col_ok, dim, stride_q, stride_c,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
@@ -55,19 +77,8 @@ def _score_tile(
         k_ok = (kk < dim) | EVEN_K
         a = tl.load(q_ptr + rows[:, None] * stride_q + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(c_ptr + cols[None, :] * stride_c + kk[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        if UPCAST:  # bf16 arithmetic is wrong in the interpreter: fp32 holds bf16 products exactly
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if INTERPRETED:
-            # numpy's matmul may round a score differently by its column in the tile (BLAS edge kernels), which
-            # breaks the bitwise ties of duplicate candidates; an MMA does not. Exact fp32 products, summed in k
-            # order, are the same for every position.
-            acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
-        else:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-    q_scale = tl.load(q_scale_ptr + rows, mask=row_ok, other=0.0)
-    c_scale = tl.load(c_scale_ptr + cols, mask=col_ok, other=0.0)
-    return (acc * q_scale[:, None]) * c_scale[None, :]
+        acc = _accumulate(acc, a, b, UPCAST)
+    return _scaled(acc, q_scale_ptr, c_scale_ptr, rows, cols, row_ok, col_ok)
 
 
 @triton.jit
@@ -78,17 +89,8 @@ def _score_tile_tma(q_desc, c_desc, q_scale_ptr, c_scale_ptr, row0, col0, rows, 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, dim, BLOCK_K):
         a = q_desc.load([row0, k0])
-        b = tl.trans(c_desc.load([col0, k0]))
-        if UPCAST:  # bf16 arithmetic is wrong in the interpreter: fp32 holds bf16 products exactly
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if INTERPRETED:  # as in _score_tile: exact products summed in k order, the same for every position
-            acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
-        else:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-    q_scale = tl.load(q_scale_ptr + rows, mask=row_ok, other=0.0)
-    c_scale = tl.load(c_scale_ptr + cols, mask=col_ok, other=0.0)
-    return (acc * q_scale[:, None]) * c_scale[None, :]
+        acc = _accumulate(acc, a, tl.trans(c_desc.load([col0, k0])), UPCAST)
+    return _scaled(acc, q_scale_ptr, c_scale_ptr, rows, cols, row_ok, col_ok)
 
 
 @triton.jit

@@ -202,9 +202,12 @@ def loop_summary(instructions: list[Instruction], scores_per_thread: float | Non
                "instructions": len(instructions), "loops": len(loops), "ffma_dot_loops": len(ffma_dot_loops),
                "main_loop": None, "epilogue": None}
     if main is None:
-        # A kernel without a matrix product (a select over products another GEMM wrote): its largest innermost
-        # loop is the per-score loop, and all of it counts as epilogue.
-        innermost = [loop for loop in loops if not any(other[1] < loop[1] for other in loops)]
+        # A kernel without a matrix product (a select over products another GEMM wrote): its per-score loop is
+        # the innermost one that reads the products by 16-byte loads (rare branches may hold loops of their
+        # own), and all of it counts as epilogue.
+        reading = [loop for loop in loops if any(ins.opcode.startswith("LDG") and ".128" in ins.opcode
+                                                 for ins in body_of(loop))]
+        innermost = [loop for loop in reading if not any(other[1] < loop[1] for other in reading)]
         if not scores_per_thread or not innermost:
             return summary
         main, tile = (None, frozenset(), ()), max(innermost, key=lambda loop: len(loop[1]))

@@ -1,6 +1,6 @@
-"""The Triton control of the fused retrieval kernels: the threshold pass's persistent 128 x 128 main loop
-(``triton.similarity_topk.THRESHOLD_TILES``, the same tile order and score routine) with a plain epilogue that
-stores the scaled scores. Beside ``q @ c.T`` (cuBLAS) it tells the main loop's efficiency; beside the fused kernels,
+"""The Triton control of the fused retrieval kernels: the threshold pass's persistent main loop (the same tiles,
+tile order and score routine; by default the tiles its autotuner last chose) with a plain epilogue that stores the
+scaled scores. Beside ``q @ c.T`` (cuBLAS) it tells the main loop's efficiency; beside the fused kernels,
 their epilogues' cost. A benchmark provider only, not a library op.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import triton.language as tl
 
 from elva_kernels import _retrieval
 from elva_kernels.triton.similarity_topk import (
-    PROGRAMS_PER_SM, THRESHOLD_TILES, _persistent_tile, tma_descriptors, upcast_for,
+    PROGRAMS_PER_SM, _persistent_tile, chosen_tiles, tma_descriptors, upcast_for,
 )
 
 
@@ -32,11 +32,12 @@ def plain_matmul_kernel(
         tl.store(out, scores.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def plain_matmul(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """q @ c.T (scales 1) in the rows' dtype, by the threshold pass's main loop."""
+def plain_matmul(queries: torch.Tensor, candidates: torch.Tensor, tiles=None) -> torch.Tensor:
+    """q @ c.T (scales 1) in the rows' dtype, by the threshold pass's main loop on ``tiles`` ((BLOCK_M, BLOCK_N,
+    BLOCK_K, warps, stages); default: ``chosen_tiles``)."""
     num_queries, num_candidates, dim = queries.shape[0], candidates.shape[0], queries.shape[1]
     device = queries.device
-    block_m, block_n, block_k, warps, stages = THRESHOLD_TILES[queries.dtype]
+    block_m, block_n, block_k, warps, stages = tiles or chosen_tiles(queries.dtype)
     out = torch.empty((num_queries, num_candidates), dtype=queries.dtype, device=device)
     ones_q = torch.ones(num_queries, dtype=torch.float32, device=device)
     ones_c = torch.ones(num_candidates, dtype=torch.float32, device=device)

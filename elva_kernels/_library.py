@@ -53,11 +53,17 @@ SIGNATURES = {
 }
 
 # Building blocks of the GPU backends (elva_kernels/_retrieval.py drives them; the Triton launchers in
-# triton/ take the same arguments). Keys, scores and eligibility are defined in that module's docstring.
+# triton/ take the same arguments, less chunk_columns). Keys, scores and eligibility are defined in that module's
+# docstring.
 #   split_topk: the list_size largest eligible keys of every (query, candidate split), any order.
 #   pair_scores: the score of (row, ids[row, j]) with the arithmetic of the counting pass, -inf for id -1.
-#   split_rank_counts: per (query, split), non-positive eligible candidates whose key beats pos_keys[row],
-#     and the largest such key (or INT64_MIN).
+#   rank_counts: one counting pass in chunks (csrc/include/elva/rank_count_select.h): per query, the negatives
+#     (ids not in listed, int32 [B, L] ascending, INT32_MAX padded) ranked ahead of the best positive (pos_score,
+#     its id pos_id; pos_below the next float below pos_score), int32 [B], and the best negative score.
+#   threshold_topk: the threshold pass in chunks, a matmul of chunk_columns candidates then the select of
+#     csrc/include/elva/threshold_select.h (count int32 [B], scores fp32 [B, capacity], ids int32 [B, capacity]).
+# The chunked kernels run every GEMM of a call at one shape (B x chunk_columns x d), so a candidate scores the
+# same in every chunk and in pair_scores.
 KERNEL_SIGNATURES = {
     "split_topk": (
         "(Tensor queries, Tensor candidates, Tensor query_scale, Tensor candidate_scale, Tensor? exclude,"
@@ -65,14 +71,14 @@ KERNEL_SIGNATURES = {
         " -> (Tensor keys, Tensor nonfinite)"
     ),
     "pair_scores": (
-        "(Tensor queries, Tensor candidates, Tensor query_scale, Tensor candidate_scale, Tensor ids) -> Tensor"
+        "(Tensor queries, Tensor candidates, Tensor query_scale, Tensor candidate_scale, Tensor ids,"
+        " int chunk_columns) -> Tensor"
     ),
-    "split_rank_counts": (
-        "(Tensor queries, Tensor candidates, Tensor query_scale, Tensor candidate_scale, Tensor positives,"
-        " Tensor? exclude, Tensor pos_keys, int split_size) -> (Tensor ahead, Tensor max_neg_keys, Tensor nonfinite)"
+    "rank_counts": (
+        "(Tensor queries, Tensor candidates, Tensor query_scale, Tensor candidate_scale, Tensor listed,"
+        " Tensor pos_score, Tensor pos_below, Tensor pos_id, int chunk_columns)"
+        " -> (Tensor ahead, Tensor max_neg_score, Tensor nonfinite)"
     ),
-    # The threshold pass, chunk by chunk: a matmul of chunk_columns candidates, then the select of
-    # csrc/include/elva/threshold_select.h (count int32 [B], scores fp32 [B, capacity], ids int32 [B, capacity]).
     "threshold_topk": (
         "(Tensor queries, Tensor candidates, Tensor query_scale, Tensor candidate_scale, Tensor threshold,"
         " Tensor? max_score, int capacity, int chunk_columns) -> (Tensor count, Tensor scores, Tensor ids,"
@@ -80,7 +86,7 @@ KERNEL_SIGNATURES = {
     ),
 }
 # Kernels with a CPU twin: the same loop and rule, so that the CPU tests cover the CUDA design.
-CPU_TWINS = ("threshold_topk",)
+CPU_TWINS = ("pair_scores", "rank_counts", "threshold_topk")
 
 lib = torch.library.Library("elva", "DEF")
 for _op, _signature in SIGNATURES.items():

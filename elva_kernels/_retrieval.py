@@ -61,13 +61,20 @@ Extra memory of the threshold path: queries go in equal passes of whole 128-quer
 bytes per query, take about ``BUFFER_BYTES``; the sample scores take chunk x ``SAMPLE_PIECE`` fp32 and the sampled rows ``SAMPLE_PIECE`` x d.
 
 The two fused passes: Triton's is one persistent GEMM with the compare in its epilogue (triton/similarity_topk.py).
-CUDA's is chunked (``chunked_threshold_topk``): cuBLAS writes the fp32 products of the pass's queries with a chunk
-of candidates, about ``SCORE_CHUNK_BYTES`` that stay in L2, and a select kernel applies the compare and appends
-with one atomic per warp (csrc/cuda/threshold_select.cu); its CPU twin runs the same loop and rule in the tests.
+CUDA's is chunked (``chunked``): cuBLAS writes the fp32 products of the pass's queries with a chunk of candidates,
+about ``CHUNK_BYTES`` that stay in L2, and a select kernel applies the compare and appends with one atomic per warp
+(csrc/cuda/threshold_select.cu); its CPU twin runs the same loop and rule in the tests.
+
+Rank statistics count in one pass the same ways: Triton's threshold main loop with a count epilogue
+(triton/rank_statistics.py), or CUDA's cuBLAS chunks and a count kernel (csrc/cuda/rank_count_select.cu, CPU twin
+beside it). Every cuBLAS GEMM of a call has one shape, B x chunk x d (a short last chunk is padded), and the
+positives' scores come from GEMMs of that shape over the gathered rows (``pair_scores``), so exact copies of a
+candidate score bitwise alike wherever they sit and ties rank by id.
 """
 from __future__ import annotations
 
 import collections
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,9 +107,11 @@ MISS = 1e-8
 BUFFER_BYTES = 32 * 2**20
 SAMPLE_PIECE = 4096
 CAPACITY_QUANTUM = 256
-# The chunked pass (CUDA): fp32 products per chunk; chunks are whole multiples of CHUNK_QUANTUM candidates.
-SCORE_CHUNK_BYTES = 32 * 2**20
+# The chunked passes (CUDA): about CHUNK_BYTES of fp32 products, or of gathered or padded candidate rows, per chunk;
+# chunks are whole multiples of CHUNK_QUANTUM candidates.
+CHUNK_BYTES = 32 * 2**20
 CHUNK_QUANTUM = 256
+NO_LISTED_ID = 2**31 - 1  # pads the chunked count's listed ids: above every candidate id
 OVERFLOW_ROUNDS = 2
 # Queries that left the threshold path since import: {"overflow": reruns, "exact": exact-path queries}.
 FALLBACKS: collections.Counter = collections.Counter()
@@ -110,9 +119,9 @@ FALLBACKS: collections.Counter = collections.Counter()
 
 @dataclass(frozen=True)
 class Kernels:
-    """One backend's building blocks, with the signatures of ``_library.KERNEL_SIGNATURES``; ``threshold_topk`` is the
-    threshold pass with ``triton.similarity_topk.threshold_topk``'s signature (None: the exact path only);
-    ``rank_counts`` is ``triton.rank_statistics.rank_counts``'s."""
+    """One backend's building blocks, with the signatures of the Triton launchers: ``split_topk`` and ``pair_scores``
+    as in ``_library.KERNEL_SIGNATURES``, ``rank_counts`` as ``triton.rank_statistics.rank_counts``, ``threshold_topk``
+    (the threshold pass; None: the exact path only) as ``triton.similarity_topk.threshold_topk``."""
 
     split_topk: Callable
     pair_scores: Callable
@@ -308,34 +317,45 @@ def threshold_top_keys(kernels: Kernels, queries, candidates, query_scale, candi
     return out
 
 
-def chunked_threshold_topk(op: Callable) -> Callable:
-    """The threshold pass with Triton's launcher signature from ``op`` (``elva::threshold_topk_{cuda,cpu}``), which
-    takes the chunk width: about ``SCORE_CHUNK_BYTES`` of fp32 products for the pass's queries."""
+def chunk_columns(queries: torch.Tensor) -> int:
+    """Candidates per chunk of the CUDA backend's chunked kernels: about ``CHUNK_BYTES`` of fp32 products for the
+    queries, or of gathered candidate rows (``pair_scores`` multiplies those at the chunks' shape), whichever is
+    less."""
+    per_column = max(4 * queries.shape[0], queries.element_size() * queries.shape[1], 1)
+    return max(CHUNK_QUANTUM, CHUNK_BYTES // per_column // CHUNK_QUANTUM * CHUNK_QUANTUM)
 
-    def threshold_topk(queries, candidates, query_scale, candidate_scale, threshold, max_score, capacity):
-        columns = SCORE_CHUNK_BYTES // (4 * max(1, queries.shape[0])) // CHUNK_QUANTUM * CHUNK_QUANTUM
-        args = (queries, candidates, query_scale, candidate_scale, threshold, max_score, capacity,
-                max(CHUNK_QUANTUM, columns))
+
+def chunked(op: Callable) -> Callable:
+    """Triton's launcher signature from a chunked kernel ``op`` (``elva::{pair_scores,rank_counts,threshold_topk}_
+    {cuda,cpu}``): the chunk width appended, and fp32 products kept IEEE like every other kernel's (cuBLAS reads the
+    TF32 flag at each call)."""
+
+    def launcher(queries, candidates, *args):
+        call = functools.partial(op, queries, candidates, *args, chunk_columns(queries))
         if not (queries.is_cuda and queries.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32):
-            return op(*args)
-        # fp32 products must be IEEE like every other kernel's; cuBLAS reads the TF32 flag at each call.
+            return call()
         torch.backends.cuda.matmul.allow_tf32 = False
         try:
-            return op(*args)
+            return call()
         finally:
             torch.backends.cuda.matmul.allow_tf32 = True
 
-    return threshold_topk
+    return launcher
 
 
-def summed_rank_counts(op: Callable) -> Callable:
-    """``rank_counts`` from ``op`` (``elva::split_rank_counts_cuda``): per-split counts and best keys, summed."""
+def chunked_rank_counts(op: Callable) -> Callable:
+    """``rank_counts`` with Triton's signature from ``elva::rank_counts_{cuda,cpu}``: each row's listed ids (positives
+    and exclusions) sorted, the best positive decoded from its key."""
+    counts = chunked(op)
 
     def rank_counts(queries, candidates, query_scale, candidate_scale, positives, exclude, pos_keys):
-        split_size, _ = plan(queries.shape[0], candidates.shape[0], 1, queries.device)
-        ahead, max_neg_keys, nonfinite = op(queries, candidates, query_scale, candidate_scale, positives, exclude,
-                                            pos_keys, split_size)
-        return ahead.sum(1), decode(max_neg_keys.amax(1))[0], nonfinite
+        listed = positives if exclude is None else torch.cat([positives, exclude], 1)
+        listed = torch.where(listed >= 0, listed, NO_LISTED_ID).to(torch.int32).sort(1).values
+        pos_score, pos_id = decode(pos_keys)
+        pos_below = torch.nextafter(pos_score, pos_score.new_tensor(float("-inf")))
+        ahead, max_neg_score, nonfinite = counts(queries, candidates, query_scale, candidate_scale, listed, pos_score,
+                                                 pos_below, pos_id.to(torch.int32))
+        return ahead.long(), max_neg_score, nonfinite
 
     return rank_counts
 
@@ -391,8 +411,9 @@ def similarity_topk(kernels: Kernels, queries, candidates, k, metric, exclude, m
 
 def rank_statistics(kernels: Kernels, queries, candidates, positives, metric, exclude, candidate_scale=None):
     """``elva::rank_statistics_{triton,cuda}``: the best positive's key, then the negatives ahead of it, counted by
-    one pass over the candidates (Triton's: the threshold pass's main loop with a count epilogue). Extra memory:
-    O(B x m) for the positives and B x splits partial counts and maxima."""
+    one pass over the candidates (Triton's: the threshold pass's main loop with a count epilogue; CUDA's: cuBLAS
+    chunks and a count kernel). Extra memory: O(B x m) for the positives, and Triton's B x splits partial counts and
+    maxima or CUDA's chunk of products with one chunk of gathered or padded rows (2 x ``CHUNK_BYTES`` at most)."""
     check_positives(positives, candidates.shape[0])
     queries, candidates, positives = unit_stride_rows(queries), unit_stride_rows(candidates), positives.contiguous()
     if exclude is not None:
@@ -457,9 +478,14 @@ def _cuda_kernels() -> Kernels | None:
     if _native.LOAD_ERROR is not None or not _native.has_kernel("elva::split_topk_cuda", "CUDA"):
         return None
     ops = torch.ops.elva
-    return Kernels(ops.split_topk_cuda.default, ops.pair_scores_cuda.default,
-                   summed_rank_counts(ops.split_rank_counts_cuda.default),
-                   chunked_threshold_topk(ops.threshold_topk_cuda.default))
+    return chunked_kernels(ops.split_topk_cuda.default, "cuda")
+
+
+def chunked_kernels(split_topk: Callable, device: str) -> Kernels:
+    """The chunked kernels of ``device`` ("cuda", or "cpu": their CPU twins) beside an exact-path ``split_topk``."""
+    op = lambda kernel: getattr(torch.ops.elva, f"{kernel}_{device}").default  # noqa: E731
+    return Kernels(split_topk, chunked(op("pair_scores")), chunked_rank_counts(op("rank_counts")),
+                   chunked(op("threshold_topk")))
 
 
 def register(op: str, implementation: Callable, check_arguments: Callable) -> None:

@@ -37,7 +37,9 @@ PyMethodDef methods[] = {
     {nullptr, nullptr, 0, nullptr},
 };
 
-PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "Native kernels of elva_kernels.", -1, methods};
+PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_C", "Native kernels of elva_kernels.", -1, methods, nullptr, nullptr, nullptr, nullptr,
+};
 
 }  // namespace
 

@@ -68,15 +68,72 @@ inline PoolShape check_queries_and_candidates(const at::Tensor& queries, const a
   return {dtype, B, d, N};
 }
 
-// An optional float32 [B] per-query bound (max_score): checked and contiguous, or undefined when absent.
-inline at::Tensor per_query_floats(const std::optional<at::Tensor>& values, const char* name, int64_t B) {
-  if (!values.has_value()) return {};
-  const at::Tensor& t = *values;
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be a float32 [B] tensor; got dtype ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == B, name, " must be a float32 [B] tensor with B = ", B,
-                    "; got shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the queries' device (cpu); got ", t.device());
+// torch's Python name of the index and score dtypes the bindings take ("float32", not c10's "Float").
+inline const char* dtype_name(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return "float32";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    default: return c10::toString(type);
+  }
+}
+
+// A [rows] vector of `type` on the queries' device, checked and returned contiguous; `label` names its length in
+// messages ("B" per query, "N" per candidate).
+inline at::Tensor vector_arg(const at::Tensor& t, const char* name, at::ScalarType type, int64_t rows,
+                             const at::Device& device, const char* label = "B") {
+  TORCH_CHECK_TYPE(t.scalar_type() == type, name, " must be a ", dtype_name(type), " [", label, "] tensor; got dtype ",
+                   dtype_name(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == rows, name, " must be a ", dtype_name(type), " [", label,
+                    "] tensor with ", label, " = ", rows, "; got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == device, name, " must be on the queries' device (", device, "); got ", t.device());
   return t.contiguous();
+}
+
+// A [B, width] matrix of `type` on the queries' device, returned contiguous; its values are not read here (they may
+// sit on the GPU). `width` names the second dimension in messages.
+inline at::Tensor matrix_arg(const at::Tensor& t, const char* name, at::ScalarType type, int64_t B,
+                             const at::Device& device, const char* width = "m") {
+  TORCH_CHECK_TYPE(t.scalar_type() == type, name, " must be ", dtype_name(type), " [B, ", width, "]; got dtype ",
+                   dtype_name(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == B, name, " must be ", dtype_name(type), " [B, ", width,
+                    "] with B = ", B, "; got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == device, name, " must be on the queries' device (", device, "); got ", t.device());
+  return t.contiguous();
+}
+
+// The scored pair and its fp32 scales, checked: a [B, d] and an [N, d] matrix of one float dtype on one device,
+// N < 2**31, scales [B] and [N] (returned contiguous). Refuses CUDA tensors in a build without CUDA
+// kernels.
+struct ScaledPair {
+  at::Tensor query_scale, candidate_scale;
+};
+
+inline ScaledPair check_scaled_pair(const at::Tensor& queries, const at::Tensor& candidates,
+                                    const at::Tensor& query_scale, const at::Tensor& candidate_scale) {
+  check_matrix(queries, "queries", "[B, d]");
+  check_matrix(candidates, "candidates", "[N, d] with the queries' d");
+  float_dtype(queries, "queries");
+  const at::Device device = queries.device();
+  TORCH_CHECK_TYPE(candidates.scalar_type() == queries.scalar_type(),
+                   "candidates must have the queries' dtype; got queries ", queries.scalar_type(), " and candidates ",
+                   candidates.scalar_type());
+  TORCH_CHECK_VALUE(candidates.device() == device, "candidates must be on the queries' device (", device, "); got ",
+                    candidates.device());
+  TORCH_CHECK_VALUE(candidates.size(1) == queries.size(1), "candidates must be [N, d] with the queries' d = ",
+                    queries.size(1), "; got shape ", candidates.sizes());
+  TORCH_CHECK_VALUE(candidates.size(0) < (int64_t{1} << 31), "candidates must have fewer than 2**31 rows; got ",
+                    candidates.size(0));
+#ifndef ELVA_WITH_CUDA
+  TORCH_CHECK_VALUE(!device.is_cuda(), "this build of elva has no CUDA kernels; queries are on ", device);
+#endif
+  return {vector_arg(query_scale, "query_scale", at::kFloat, queries.size(0), device),
+          vector_arg(candidate_scale, "candidate_scale", at::kFloat, candidates.size(0), device, "N")};
+}
+
+// An optional float32 [B] per-query bound (max_score) on the CPU: checked and contiguous, or undefined when absent.
+inline at::Tensor per_query_floats(const std::optional<at::Tensor>& values, const char* name, int64_t B) {
+  return values.has_value() ? vector_arg(*values, name, at::kFloat, B, at::Device(at::kCPU)) : at::Tensor();
 }
 
 // "cosine" -> true, "dot" -> false.

@@ -1,28 +1,24 @@
-// Per-split selection kernels (split_topk, pair_scores, split_rank_counts); contract in
+// The per-split selection kernel (split_topk), the exact path of the CUDA backend's retrieval ops; contract in
 // elva_kernels/_retrieval.py. No ATen headers, so that plain nvcc (CMake, CI without a GPU) compiles it.
 //
-// Layout of the two split kernels: a CTA of 256 threads (8 warps) takes one work item = 64 query rows x one
-// split, and walks the split in tiles of 64 candidates. Per tile, all 256 threads compute the 64 x 64 score
-// tile into shared memory (score_tile: fp32 FMAs for fp32, wmma 16x16x16 with fp32 accumulators for fp16/bf16,
-// k in chunks staged through shared memory); then warp w owns query rows 8w..8w+7 of the item and scans the
-// tile row by row, lane l taking candidates l and l + 32. split_topk keeps each row's list (list_size keys) in
-// shared memory with its current minimum; a key that beats the minimum replaces it and the warp recomputes
-// the minimum. split_rank_counts keeps a count and a maximum per row.
+// Layout: a CTA of 256 threads (8 warps) takes one work item = 64 query rows x one split, and walks the split in
+// tiles of 64 candidates. Per tile, all 256 threads compute the 64 x 64 score tile into shared memory
+// (score_tile: fp32 FMAs for fp32, wmma 16x16x16 with fp32 accumulators for fp16/bf16, k in chunks staged through
+// shared memory); then warp w owns query rows 8w..8w+7 of the item and scans the tile row by row, lane l taking
+// candidates l and l + 32. Each row keeps its list (list_size keys) in shared memory with its current minimum; a
+// key that beats the minimum replaces it and the warp recomputes the minimum.
 //
-// Bitwise agreement of the three kernels: every score is (acc * query_scale[i]) * candidate_scale[j] with
-// __fmul_rn (never contracted), and acc comes from the same sequence of operations wherever (i, j) sits:
+// Every score is (acc * query_scale[i]) * candidate_scale[j] with __fmul_rn (never contracted), and acc comes from
+// the same sequence of operations wherever (i, j) sits, so copies of a candidate tie bitwise:
 //   fp32: acc = fmaf(q[k], c[k], acc) for k = 0, 1, ..., ceil(d / 32) * 32 - 1 (zeros past d), then acc + 0.0f;
 //   fp16/bf16: one accumulator fragment, mma_sync over 16-wide k slices 0, 16, ..., ceil(d / 64) * 64 - 16
 //   (zeros past d), fragments m16n16k16 row_major A (queries) / col_major B (candidates), ldm 72.
-// pair_scores runs these same sequences on gathered rows (the tensor-core path reads the diagonal of a
-// 16 x 16 tile of 16 gathered pairs).
 #include "elva/cuda/split_select.cuh"
 
 #include "elva/cuda/score_tile.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -32,31 +28,20 @@
 namespace elva {
 namespace {
 
-using tiles::kChunkF32;
-using tiles::kChunkHalf;
-using tiles::kF32Ld;
 using tiles::kGemmBytes;
-using tiles::kHalfLd;
 using tiles::kScoreBytes;
 using tiles::kScoreLd;
 using tiles::kThreads;
 using tiles::kTile;
-using tiles::FragAcc;
 using tiles::kWarps;
-using tiles::mma_slice;
 using tiles::score_tile_f32;
 using tiles::score_tile_half;
 
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// Split kernels: 64 x 64 tiles, 256 threads.
+// 64 x 64 tiles, 256 threads (score_tile.cuh has the staged chunks' layout).
 constexpr int kRowsPerWarp = kTile / kWarps;  // 8
-
-// fp32 chunks: 32 k values, stored k-major [kChunkF32][kF32Ld] (ld 65: conflict-free transposed stores).
-// fp16/bf16 chunks: 64 k values, stored row-major [rows][kHalfLd] (ld 72: a multiple of 8 elements, rows
-// 144 bytes apart, so 16-byte stores and 32-byte aligned fragment pointers).
-
 
 constexpr int64_t kMinKey = std::numeric_limits<int64_t>::min();
 constexpr int64_t kMaxKey = std::numeric_limits<int64_t>::max();
@@ -65,13 +50,12 @@ constexpr int64_t kTwo31 = int64_t{1} << 31;
 
 // Per-row state of a work item, in shared memory.
 struct RowState {
-  int64_t key[kTile];    // split_topk: the list's minimum; split_rank_counts: the largest negative key
-  int64_t bound[kTile];  // split_topk: upper[i, s]; split_rank_counts: pos_keys[i]
-  int64_t count[kTile];  // split_rank_counts: negatives ahead
+  int64_t key[kTile];    // the list's minimum
+  int64_t bound[kTile];  // upper[i, s]
   float query_scale[kTile];
   float max_score[kTile];
   uint32_t hash[kTile];  // key_mode 1: the hash of (seed, i)
-  int32_t slot[kTile];   // split_topk: where the list's minimum sits
+  int32_t slot[kTile];   // where the list's minimum sits
 };
 
 constexpr size_t kFixedBytes = kGemmBytes + kScoreBytes + sizeof(RowState);
@@ -154,7 +138,7 @@ struct TopkParams {
 
 // sm90-expect: tensor_cores=HMMA async_copy=yes scores_per_thread=16
 // sm90-expect(<float): tensor_cores=none
-// sm90-known: async_copy: issue 15 (single-buffered 64x64 tiles staged through shared memory)
+// sm90-known: async_copy: exact path only (single-buffered 64x64 tiles staged through shared memory)
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads, 2) split_topk_kernel(const TopkParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -280,222 +264,6 @@ __global__ void __launch_bounds__(kThreads, 2) split_topk_kernel(const TopkParam
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// split_rank_counts
-
-struct RankParams {
-  ScorePool pool;
-  const int64_t* positives;
-  int64_t positive_cols;
-  const int64_t* exclude;
-  int64_t exclude_cols;
-  const int64_t* pos_keys;
-  int64_t num_splits, split_size;
-  int64_t* ahead;
-  int64_t* max_neg_keys;
-  int32_t* nonfinite;
-};
-
-// sm90-expect: tensor_cores=HMMA async_copy=yes scores_per_thread=16
-// sm90-expect(<float): tensor_cores=none
-// sm90-known: async_copy: issue 15 (single-buffered 64x64 tiles staged through shared memory)
-template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads) split_rank_counts_kernel(const RankParams p) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  unsigned char* gemm = smem;
-  float* scores = reinterpret_cast<float*>(smem + kGemmBytes);
-  RowState& rs = *reinterpret_cast<RowState*>(smem + kGemmBytes + kScoreBytes);
-
-  const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
-  const int64_t B = p.pool.B, N = p.pool.N, S = p.num_splits;
-  const int64_t query_blocks = (B + kTile - 1) / kTile;
-  bool nonfinite = false;
-
-  for (int64_t item = blockIdx.x; item < query_blocks * S; item += gridDim.x) {
-    const int64_t row0 = (item % query_blocks) * kTile;
-    const int64_t s = item / query_blocks;
-    const int rows = static_cast<int>(min_i64(kTile, B - row0));
-    const int64_t c_begin = s * p.split_size;
-    const int64_t c_end = min_i64(N, c_begin + p.split_size);
-
-    __syncthreads();
-    if (tid < kTile) {
-      const bool valid = tid < rows;
-      const int64_t i = row0 + tid;
-      rs.bound[tid] = valid ? p.pos_keys[i] : kMaxKey;
-      rs.key[tid] = kMinKey;
-      rs.count[tid] = 0;
-      rs.query_scale[tid] = valid ? p.pool.query_scale[i] : 0.0f;
-    }
-    // (score_tile begins with a barrier, which publishes the row state.)
-
-    for (int64_t c0 = c_begin; c0 < c_end; c0 += kTile) {
-      const int c_rows = static_cast<int>(min_i64(kTile, c_end - c0));
-      score_tile<T, kVec>(p.pool.queries, p.pool.query_stride, row0, rows, p.pool.candidates,
-                          p.pool.candidate_stride, c0, c_rows, p.pool.d, gemm, scores);
-      for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-        const int r = warp * kRowsPerWarp + rr;
-        if (r >= rows) break;  // warp-uniform
-        const int64_t i = row0 + r;
-        const int64_t pos_key = rs.bound[r];
-        const float query_scale = rs.query_scale[r];
-        const int64_t* positive_row = p.positives + i * p.positive_cols;
-        const int64_t* exclude_row = p.exclude != nullptr ? p.exclude + i * p.exclude_cols : nullptr;
-        const long long row_max = rs.key[r];
-        long long lane_max = row_max;
-        unsigned lane_ahead = 0;
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int col = lane + kWarpSize * half;
-          if (col < c_rows) {
-            const int64_t j = c0 + col;
-            const float score = scaled_score(scores[r * kScoreLd + col], query_scale, p.pool.candidate_scale[j]);
-            if (!isfinite(score)) nonfinite = true;
-            const int64_t key = score_key(score, j);
-            // Membership is checked only for keys that change a result.
-            if ((key > pos_key || key > lane_max) && !listed(positive_row, p.positive_cols, j) &&
-                !listed(exclude_row, p.exclude_cols, j)) {
-              if (key > pos_key) ++lane_ahead;
-              if (key > lane_max) lane_max = key;
-            }
-          }
-        }
-        const unsigned tile_ahead = __reduce_add_sync(kFullMask, lane_ahead);
-        long long new_max = row_max;
-        if (__any_sync(kFullMask, lane_max > row_max)) {
-#pragma unroll
-          for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-            const long long other = __shfl_xor_sync(kFullMask, lane_max, offset);
-            if (other > lane_max) lane_max = other;
-          }
-          new_max = lane_max;
-        }
-        if (lane == 0) {
-          rs.count[r] += tile_ahead;
-          rs.key[r] = new_max;
-        }
-        __syncwarp();
-      }
-      // The next score_tile begins with a barrier: the scores are read before being overwritten.
-    }
-
-    __syncthreads();
-    if (tid < rows) {
-      const int64_t at = (row0 + tid) * S + s;
-      p.ahead[at] = rs.count[tid];
-      p.max_neg_keys[at] = rs.key[tid];
-    }
-  }
-  if (nonfinite) atomicExch(p.nonfinite, 1);
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// pair_scores: 4 warps per CTA; a warp scores 32 gathered pairs (fp32) or 16 (fp16/bf16) at a time.
-
-constexpr int kPairWarps = 4;
-constexpr int kPairThreads = kPairWarps * kWarpSize;
-
-struct PairParams {
-  ScorePool pool;
-  const int64_t* ids;
-  int64_t cols;
-  float* out;
-};
-
-// sm90-expect: max_spill_bytes=0
-__global__ void __launch_bounds__(kPairThreads) pair_scores_f32_kernel(const PairParams p) {
-  __shared__ float q_rows[kPairWarps][kWarpSize * (kChunkF32 + 1)];
-  __shared__ float c_rows[kPairWarps][kWarpSize * (kChunkF32 + 1)];
-  static_assert(kChunkF32 == kWarpSize, "a lane loads one k of a chunk");
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  float* qw = q_rows[warp];
-  float* cw = c_rows[warp];
-  const auto* q = static_cast<const float*>(p.pool.queries);
-  const auto* c = static_cast<const float*>(p.pool.candidates);
-  const int64_t pairs = p.pool.B * p.cols, d = p.pool.d;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * kPairWarps * kWarpSize;
-  for (int64_t base = (static_cast<int64_t>(blockIdx.x) * kPairWarps + warp) * kWarpSize; base < pairs;
-       base += step) {
-    const int64_t pair = base + lane;
-    const bool valid = pair < pairs;
-    const long long row = valid ? pair / p.cols : -1;
-    const long long id = valid ? p.ids[pair] : -1;
-    float acc = 0.0f;
-    for (int64_t k0 = 0; k0 < d; k0 += kChunkF32) {
-      const int64_t k = k0 + lane;
-      __syncwarp();
-      for (int r = 0; r < kWarpSize; ++r) {
-        const long long qr = __shfl_sync(kFullMask, row, r);
-        const long long cr = __shfl_sync(kFullMask, id, r);
-        qw[r * (kChunkF32 + 1) + lane] = (qr >= 0 && k < d) ? q[qr * p.pool.query_stride + k] : 0.0f;
-        cw[r * (kChunkF32 + 1) + lane] = (cr >= 0 && k < d) ? c[cr * p.pool.candidate_stride + k] : 0.0f;
-      }
-      __syncwarp();
-#pragma unroll 8
-      for (int kk = 0; kk < kChunkF32; ++kk) {
-        acc = fmaf(qw[lane * (kChunkF32 + 1) + kk], cw[lane * (kChunkF32 + 1) + kk], acc);
-      }
-    }
-    acc = __fadd_rn(acc, 0.0f);
-    if (valid) {
-      p.out[pair] = id < 0 ? -INFINITY
-                           : scaled_score(acc, p.pool.query_scale[row], p.pool.candidate_scale[id]);
-    }
-  }
-}
-
-// sm90-expect: tensor_cores=HMMA
-template <typename T>
-__global__ void __launch_bounds__(kPairThreads) pair_scores_half_kernel(const PairParams p) {
-  constexpr int kPairs = 16;
-  __shared__ __align__(32) uint16_t a_rows[kPairWarps][kPairs * kHalfLd];
-  __shared__ __align__(32) uint16_t b_rows[kPairWarps][kPairs * kHalfLd];
-  __shared__ __align__(32) float tiles[kPairWarps][kPairs * 20];
-  static_assert(kChunkHalf == 2 * kWarpSize, "a lane loads two k of a chunk");
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  uint16_t* aw = a_rows[warp];
-  uint16_t* bw = b_rows[warp];
-  float* tile = tiles[warp];
-  const auto* q = static_cast<const uint16_t*>(p.pool.queries);
-  const auto* c = static_cast<const uint16_t*>(p.pool.candidates);
-  const int64_t pairs = p.pool.B * p.cols, d = p.pool.d;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * kPairWarps * kPairs;
-  for (int64_t base = (static_cast<int64_t>(blockIdx.x) * kPairWarps + warp) * kPairs; base < pairs;
-       base += step) {
-    const int64_t pair = base + lane % kPairs;  // lanes 16..31 mirror lanes 0..15
-    const bool valid = pair < pairs;
-    const long long row = valid ? pair / p.cols : -1;
-    const long long id = valid ? p.ids[pair] : -1;
-    FragAcc acc;
-    nvcuda::wmma::fill_fragment(acc, 0.0f);
-    for (int64_t k0 = 0; k0 < d; k0 += kChunkHalf) {
-      __syncwarp();
-      for (int r = 0; r < kPairs; ++r) {
-        const long long qr = __shfl_sync(kFullMask, row, r);
-        const long long cr = __shfl_sync(kFullMask, id, r);
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int kk = 2 * lane + e;
-          const int64_t k = k0 + kk;
-          aw[r * kHalfLd + kk] = (qr >= 0 && k < d) ? q[qr * p.pool.query_stride + k] : uint16_t{0};
-          bw[r * kHalfLd + kk] = (cr >= 0 && k < d) ? c[cr * p.pool.candidate_stride + k] : uint16_t{0};
-        }
-      }
-      __syncwarp();
-#pragma unroll
-      for (int kk = 0; kk < kChunkHalf / 16; ++kk) mma_slice<T>(aw + kk * 16, bw + kk * 16, acc);
-    }
-    __syncwarp();
-    nvcuda::wmma::store_matrix_sync(tile, acc, 20, nvcuda::wmma::mem_row_major);
-    __syncwarp();
-    if (lane < kPairs && valid) {
-      const float diagonal = tile[lane * 20 + lane];
-      p.out[pair] = id < 0 ? -INFINITY
-                           : scaled_score(diagonal, p.pool.query_scale[row], p.pool.candidate_scale[id]);
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------
 // Launchers
 
 bool is_aligned(const void* pointer, size_t bytes) { return reinterpret_cast<uintptr_t>(pointer) % bytes == 0; }
@@ -525,12 +293,6 @@ template <typename T>
 cudaError_t launch_topk(const TopkParams& params, unsigned grid, size_t smem, bool vec, cudaStream_t stream) {
   return vec ? launch_split(split_topk_kernel<T, true>, params, grid, smem, stream)
              : launch_split(split_topk_kernel<T, false>, params, grid, smem, stream);
-}
-
-template <typename T>
-cudaError_t launch_rank(const RankParams& params, unsigned grid, size_t smem, bool vec, cudaStream_t stream) {
-  return vec ? launch_split(split_rank_counts_kernel<T, true>, params, grid, smem, stream)
-             : launch_split(split_rank_counts_kernel<T, false>, params, grid, smem, stream);
 }
 
 }  // namespace
@@ -569,59 +331,6 @@ cudaError_t split_topk_cuda(const ScorePool& pool, const int64_t* exclude, int64
       return launch_topk<__half>(params, grid, smem, vec, stream);
     case DType::BF16:
       return launch_topk<__nv_bfloat16>(params, grid, smem, vec, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
-cudaError_t pair_scores_cuda(const ScorePool& pool, const int64_t* ids, int64_t cols, float* out,
-                             cudaStream_t stream) {
-  const int64_t pairs = pool.B * cols;
-  if (pairs == 0) return cudaSuccess;
-  PairParams params{pool, ids, cols, out};
-  const int64_t per_block = pool.dtype == DType::F32 ? kPairWarps * kWarpSize : kPairWarps * 16;
-  const auto grid = static_cast<unsigned>(std::min<int64_t>((pairs + per_block - 1) / per_block, int64_t{1} << 20));
-  switch (pool.dtype) {
-    case DType::F32:
-      pair_scores_f32_kernel<<<grid, kPairThreads, 0, stream>>>(params);
-      break;
-    case DType::F16:
-      pair_scores_half_kernel<__half><<<grid, kPairThreads, 0, stream>>>(params);
-      break;
-    case DType::BF16:
-      pair_scores_half_kernel<__nv_bfloat16><<<grid, kPairThreads, 0, stream>>>(params);
-      break;
-  }
-  return cudaGetLastError();
-}
-
-cudaError_t split_rank_counts_cuda(const ScorePool& pool, const int64_t* positives, int64_t positive_cols,
-                                   const int64_t* exclude, int64_t exclude_cols, const int64_t* pos_keys,
-                                   int64_t num_splits, int64_t split_size, int64_t* ahead, int64_t* max_neg_keys,
-                                   int32_t* nonfinite, cudaStream_t stream) {
-  const cudaError_t zeroed = cudaMemsetAsync(nonfinite, 0, sizeof(*nonfinite), stream);
-  if (zeroed != cudaSuccess || pool.B == 0 || num_splits == 0) return zeroed;
-  if (split_size < 1) return cudaErrorInvalidValue;
-  RankParams params{};
-  params.pool = pool;
-  params.positives = positive_cols > 0 ? positives : nullptr;
-  params.positive_cols = positive_cols > 0 ? positive_cols : 0;
-  params.exclude = exclude_cols > 0 ? exclude : nullptr;
-  params.exclude_cols = exclude_cols > 0 ? exclude_cols : 0;
-  params.pos_keys = pos_keys;
-  params.num_splits = num_splits;
-  params.split_size = split_size;
-  params.ahead = ahead;
-  params.max_neg_keys = max_neg_keys;
-  params.nonfinite = nonfinite;
-  const unsigned grid = split_grid(pool, num_splits);
-  const bool vec = vector_loads(pool);
-  switch (pool.dtype) {
-    case DType::F32:
-      return launch_rank<float>(params, grid, kFixedBytes, vec, stream);
-    case DType::F16:
-      return launch_rank<__half>(params, grid, kFixedBytes, vec, stream);
-    case DType::BF16:
-      return launch_rank<__nv_bfloat16>(params, grid, kFixedBytes, vec, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -24,7 +24,7 @@ from elva_kernels import _retrieval
 from elva_kernels.triton import aot
 from elva_kernels.triton.similarity_topk import (
     HEADLINE_CANDIDATES, HEADLINE_DIM, HEADLINE_QUERIES, HEADLINE_SMS, PROGRAMS_PER_SM, THRESHOLD_TILES,
-    _max_with_nan, _row_magnitude, _score_tile, upcast_for,
+    _max_with_nan, _row_magnitude, _score_tile, _score_tile_tma, tma_descriptors, upcast_for,
 )
 
 # The threshold pass's tiles, except for fp32 rows, whose FFMA operands beside the count epilogue fit 64 x 128 x 32
@@ -79,6 +79,7 @@ def _drop_listed(scores, ids_ptr, rows, row_ok, width, cols):
 @triton.jit
 def rank_counts_kernel(
     q_ptr, c_ptr, q_scale_ptr, c_scale_ptr,  # rows (fp32/fp16/bf16) and their fp32 scales
+    q_desc, c_desc,  # with USE_TMA: TMA descriptors of the rows ([BLOCK_M | BLOCK_N, BLOCK_K] blocks)
     positives_ptr, positives_width,  # int64 [B, width], -1 padded
     exclude_ptr, exclude_width,  # int64 [B, width] (width 0: none)
     pos_score_ptr, pos_below_ptr, pos_id_ptr,  # fp32 / fp32 / int32 [B]: the best positive's score, the next
@@ -86,11 +87,12 @@ def rank_counts_kernel(
     ahead_ptr, max_neg_ptr,  # int32 / fp32 [B, splits]: negatives ahead of it and their best score, per split
     largest_ptr,  # fp32 [B, splits]: the largest |score| (NaN if one is NaN), for the non-finite check
     num_queries, num_candidates, dim, stride_q, stride_c, splits, split_tiles,
-    UPCAST: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     split = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = tl.program_id(0) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < num_queries
     rows64 = rows.to(tl.int64)
     pos_score = tl.load(pos_score_ptr + rows, mask=row_ok, other=0.0)
@@ -108,8 +110,12 @@ def rank_counts_kernel(
         start = first + tile * BLOCK_N
         end = start + BLOCK_N
         cols = start + tl.arange(0, BLOCK_N)
-        scores = _score_tile(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, rows64, cols.to(tl.int64), row_ok,
-                             cols < last, dim, stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, EVEN_K)
+        if USE_TMA:  # TMA zero-fills past the pool; columns past the split take the rare branch
+            scores = _score_tile_tma(q_desc, c_desc, q_scale_ptr, c_scale_ptr, row0, start, rows, cols, row_ok,
+                                     cols < last, dim, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+        else:
+            scores = _score_tile(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, rows64, cols.to(tl.int64), row_ok,
+                                 cols < last, dim, stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, EVEN_K)
         largest = _max_with_nan(largest, _row_magnitude(scores))
         if (tl.min(listed_next, axis=0) < end) | (end > last):  # the rare branch: listed ids or the ragged end
             # Listed ids and padding score -inf, which never ranks ahead of a finite positive score.
@@ -162,20 +168,22 @@ def rank_counts(queries, candidates, query_scale, candidate_scale, positives, ex
     max_neg = torch.empty((num_queries, splits), dtype=torch.float32, device=device)
     largest = torch.empty_like(max_neg)
     exclude_arg = exclude.contiguous() if exclude is not None else positives
+    q_desc, c_desc, use_tma = tma_descriptors(queries, candidates, block_m, block_n, block_k)
     rank_counts_kernel[(row_tiles, splits)](
-        queries, candidates, query_scale, candidate_scale, positives.contiguous(), positives.shape[1],
+        queries, candidates, query_scale, candidate_scale, q_desc, c_desc, positives.contiguous(), positives.shape[1],
         exclude_arg, exclude.shape[1] if exclude is not None else 0, pos_score,
         torch.nextafter(pos_score, pos_score.new_tensor(float("-inf"))), pos_id.to(torch.int32), ahead,
         max_neg, largest, num_queries, num_candidates, dim, queries.stride(0), candidates.stride(0), splits,
-        split_tiles, UPCAST=upcast_for(queries.dtype, device), EVEN_K=dim % block_k == 0,
+        split_tiles, UPCAST=upcast_for(queries.dtype, device), EVEN_K=dim % block_k == 0, USE_TMA=use_tma,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )
     nonfinite = (~(largest.amax(1) <= torch.finfo(torch.float32).max)).any().to(torch.int32).reshape(1)
     return ahead.sum(1), max_neg.amax(1), nonfinite
 
 
-def _aot_cases(dtype):
-    """The headline workload of similarity_topk's cases, one positive per query (M-BEIR's usual case)."""
+def _aot_cases(dtype, use_tma):
+    """The headline workload of similarity_topk's cases, one positive per query (M-BEIR's usual case); the pair
+    kernel once per dtype (it has no TMA variant), with the main variant."""
     rows, pool, dim = HEADLINE_QUERIES, HEADLINE_CANDIDATES, HEADLINE_DIM
     element = aot.DTYPES[dtype]
     block_m, block_n, block_k, warps, stages = RANK_TILES[element]
@@ -192,24 +200,32 @@ def _aot_cases(dtype):
                     aot.Expect(tensor_cores="HGMMA" if on_tensor_cores else None,
                                min_mma_n=128 if on_tensor_cores else 0),
                     num_warps=warps, num_stages=stages)
+    queries, candidates = shared["q_ptr"], shared["c_ptr"]
+    q_desc, c_desc, _ = tma_descriptors(queries, candidates, block_m, block_n, block_k) if use_tma else (
+        queries, candidates, False)
     counts = aot.Case(
-        rank_counts_kernel, dtype,
-        dict(shared, positives_ptr=ids, positives_width=1, exclude_ptr=ids, exclude_width=0,
+        rank_counts_kernel, dtype + ("" if use_tma or not on_tensor_cores else ", pointer loads"),
+        dict(shared, q_desc=q_desc, c_desc=c_desc, USE_TMA=use_tma, positives_ptr=ids, positives_width=1,
+             exclude_ptr=ids, exclude_width=0,
              pos_score_ptr=aot.meta(rows), pos_below_ptr=aot.meta(rows), pos_id_ptr=aot.meta(rows, dtype=torch.int32),
              ahead_ptr=aot.meta(rows, splits, dtype=torch.int32), max_neg_ptr=aot.meta(rows, splits),
              largest_ptr=aot.meta(rows, splits), num_queries=rows, num_candidates=pool, splits=splits,
              split_tiles=split_tiles),
         aot.Expect(tensor_cores="HGMMA" if on_tensor_cores else None, min_mma_n=128 if on_tensor_cores else 0,
-                   async_copy=True,
+                   async_copy=True, tma=use_tma,
                    # Per score outside the rare branch: two FMULs (the scales), FSET + FADD (the count), FMNMX
                    # (the best negative), FMNMX.NAN (the largest |score|); the rest is the tile's K-loop prologue,
-                   # address setup and row reductions. 10.3 at 128 x 128 on sm_90.
-                   max_epilogue_per_score=11, int64_compares=False,
+                   # address setup and row reductions. 10.3 at 128 x 128 on sm_90 by pointers; 11.1 by TMA, whose
+                   # per-tile pipeline prologue (elect, mbarrier setup) is about 100 instructions longer while each
+                   # of the 24 K steps is 4 shorter, so a tile costs the same, in 192 registers instead of 216.
+                   max_epilogue_per_score=12 if use_tma else 11, int64_compares=False,
                    known={} if on_tensor_cores else {
-                       "epilogue": "issue 15: fp32 rows are FFMA dots (not the headline path): 32 scores per thread "
+                       "epilogue": "fp32 rows are FFMA dots (not the headline path): 32 scores per thread "
                                    "share the tile's setup, about 2% of its 48k FFMAs at d = 1536"}),
         num_warps=warps, num_stages=stages)
-    return [pair, counts]
+    return [pair, counts] if use_tma or not on_tensor_cores else [counts]
 
 
-AOT_CASES = [case for dtype in aot.DTYPES for case in _aot_cases(dtype)]
+# Half rows load by TMA; fp32 rows, and half rows TMA cannot read, by pointers (as the threshold pass).
+AOT_CASES = [case for dtype in aot.DTYPES for case in _aot_cases(dtype, use_tma=dtype != "fp32")]
+AOT_CASES += [case for dtype in ("fp16", "bf16") for case in _aot_cases(dtype, use_tma=False)]

@@ -36,6 +36,7 @@ REAL_KEY_MIN = tl.constexpr(-(2**63) + 2**31)  # every real key is at least this
 LOW_WORD = tl.constexpr(2**32 - 1)
 # Kernels run under Triton's interpreter (CPU tensors, tests); read at import, as @triton.jit does.
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+MAX_INTERPRETED_PRODUCT = tl.constexpr(2**20)  # Triton's largest tensor
 # Tile shape: wgmma-friendly on Hopper; the interpreter is faster with large blocks too.
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 64
 NUM_WARPS, NUM_STAGES = 4, 3
@@ -50,8 +51,17 @@ def _accumulate(acc, a, b, UPCAST: tl.constexpr):
     if INTERPRETED:
         # numpy's matmul may round a score differently by its column in the tile (BLAS edge kernels), which
         # breaks the bitwise ties of duplicate candidates; an MMA does not. Exact fp32 products, summed in k
-        # order, are the same for every position.
-        return acc + tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+        # order, are the same for every position (numpy's order of summation follows the operands' memory
+        # layout, so every tile passes b the same way: loaded [N, K], then transposed).
+        a, b = a.to(tl.float32), b.to(tl.float32)
+        if a.shape[0] * a.shape[1] * b.shape[1] <= MAX_INTERPRETED_PRODUCT:
+            return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+        steps = tl.arange(0, a.shape[1])  # a larger [M, K, N] than Triton allows: one k at a time
+        for k in tl.static_range(a.shape[1]):
+            a_k = tl.sum(tl.where(steps[None, :] == k, a, 0.0), axis=1)  # one nonzero term: exact
+            b_k = tl.sum(tl.where(steps[:, None] == k, b, 0.0), axis=0)
+            acc += a_k[:, None] * b_k[None, :]
+        return acc
     return tl.dot(a, b, acc, input_precision="ieee")
 
 
@@ -76,8 +86,8 @@ def _score_tile(
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = (kk < dim) | EVEN_K
         a = tl.load(q_ptr + rows[:, None] * stride_q + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(c_ptr + cols[None, :] * stride_c + kk[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = _accumulate(acc, a, b, UPCAST)
+        b = tl.load(c_ptr + cols[:, None] * stride_c + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = _accumulate(acc, a, tl.trans(b), UPCAST)  # as the TMA tile (see _accumulate)
     return _scaled(acc, q_scale_ptr, c_scale_ptr, rows, cols, row_ok, col_ok)
 
 
@@ -260,14 +270,14 @@ def threshold_topk_kernel(
     count_ptr,  # int32 [B], zeroed: survivors per query, also those past the capacity (overflow)
     score_out_ptr, id_out_ptr,  # fp32 / int32 [B, capacity]: the survivors, in arrival order
     nonfinite_ptr,  # int32 [1], set to 1 on a NaN/Inf score
-    num_queries, num_candidates, dim, stride_q, stride_c, capacity, num_programs,
+    num_queries, num_candidates, dim, stride_q, stride_c, capacity,
     HAS_MAX_SCORE: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     row_tiles = tl.cdiv(num_queries, BLOCK_M)
     tiles = row_tiles * tl.cdiv(num_candidates, BLOCK_N)
     bad = tl.zeros([BLOCK_M], dtype=tl.int32)
-    for tile in tl.range(tl.program_id(0), tiles, num_programs):
+    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0)):
         rows, cols, row_ok, col_ok, scores = _persistent_tile(
             tile, row_tiles, q_ptr, c_ptr, q_desc, c_desc, q_scale_ptr, c_scale_ptr, num_queries, num_candidates,
             dim, stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, EVEN_K, USE_TMA)
@@ -336,10 +346,61 @@ def split_topk(queries, candidates, query_scale, candidate_scale, exclude, max_s
 
 # The threshold pass, per dtype (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): 128 x 128 tiles for half rows (HGMMA
 # m64n128 per warpgroup, 4 stages: 128 KiB of shared memory); fp32 rows take exact FFMAs, whose operands need
-# registers, so their K steps are 16 deep (0 spills on sm_90; 64 x 128 x 32 spilled 16 B).
+# registers, so their K steps are 16 deep (0 spills on sm_90; 64 x 128 x 32 spilled 16 B). The static report
+# compiles these; the autotune table below starts from them.
 THRESHOLD_TILES = {torch.float16: (128, 128, 64, 8, 4), torch.bfloat16: (128, 128, 64, 8, 4),
                    torch.float32: (128, 128, 16, 8, 3)}
 PROGRAMS_PER_SM = 1
+# The autotune table of the threshold pass: Triton times these on the first call of each (queries per pass, d,
+# capacity, dtype) and keeps the fastest. 64 x 256 tiles hold twice the candidates per query tile, deep K steps
+# halve the pipeline's waits at large d (128 x 256 tiles spill on sm_90: 672 B at 8 warps, 1352 B at 16). All fit
+# 227 KiB of shared memory; the interpreter takes the first only.
+TUNED_TILES = {
+    torch.float16: [(128, 128, 64, 8, 4), (64, 256, 64, 8, 3), (128, 128, 128, 8, 3)],
+    torch.float32: [(128, 128, 16, 8, 3)],
+}
+TUNED_TILES[torch.bfloat16] = TUNED_TILES[torch.float16]
+TUNE_MIN_SCORES = 2**28  # B = 1024 queries x N = 262144 candidates
+
+
+def _set_descriptor_blocks(args):
+    """Autotune pre-hook: the TMA descriptors' block shapes follow the config's tiles."""
+    if args["USE_TMA"]:
+        args["q_desc"].block_shape = [args["BLOCK_M"], args["BLOCK_K"]]
+        args["c_desc"].block_shape = [args["BLOCK_N"], args["BLOCK_K"]]
+
+
+def _tune_large_passes(configs, named_args, **kwargs):
+    """Autotune prune: passes below ``TUNE_MIN_SCORES`` scores take the first config, untimed (timing would cost
+    more than any config saves there, and tests run many small shapes)."""
+    scores = named_args["num_queries"] * named_args["num_candidates"]
+    return configs if scores >= TUNE_MIN_SCORES else configs[:1]
+
+
+def tuned_threshold_kernel(tiles):
+    """``threshold_topk_kernel`` autotuned over ``tiles`` ((BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) each; the
+    interpreter takes the first only), EVEN_K following each config's BLOCK_K."""
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages,
+                             pre_hook=_set_descriptor_blocks)
+               for m, n, k, warps, stages in (tiles[:1] if INTERPRETED else tiles)]
+    even_k = triton.heuristics({"EVEN_K": lambda args: args["dim"] % args["BLOCK_K"] == 0})
+    return triton.autotune(configs, key=["num_queries", "dim", "capacity"],
+                           prune_configs_by={"early_config_prune": _tune_large_passes},
+                           reset_to_zero=["count_ptr", "nonfinite_ptr"])(even_k(threshold_topk_kernel))
+
+
+# One autotuner per dtype: Triton keys its cache on the arguments' dtypes too, but a dtype's configs must not be
+# tried on another.
+TUNED_THRESHOLD_KERNELS = {dtype: tuned_threshold_kernel(tiles) for dtype, tiles in TUNED_TILES.items()}
+
+
+def chosen_tiles(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """The tiles of the threshold pass's last launch for ``dtype`` (the autotuner's pick), else the default ones."""
+    config = getattr(TUNED_THRESHOLD_KERNELS[dtype], "best_config", None)
+    if config is None:
+        return THRESHOLD_TILES[dtype]
+    blocks = config.kwargs
+    return blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"], config.num_warps, config.num_stages
 
 
 def threshold_topk(queries, candidates, query_scale, candidate_scale, threshold, max_score, capacity):
@@ -351,17 +412,19 @@ def threshold_topk(queries, candidates, query_scale, candidate_scale, threshold,
     scores = torch.empty((num_queries, capacity), dtype=torch.float32, device=device)
     ids = torch.empty((num_queries, capacity), dtype=torch.int32, device=device)
     nonfinite = torch.zeros(1, dtype=torch.int32, device=device)
-    block_m, block_n, block_k, warps, stages = THRESHOLD_TILES[queries.dtype]
-    tiles = triton.cdiv(num_queries, block_m) * triton.cdiv(num_candidates, block_n)
-    programs = min(tiles, PROGRAMS_PER_SM * _retrieval.multiprocessor_count(device))
+    block_m, block_n, block_k, _, _ = THRESHOLD_TILES[queries.dtype]  # the pre-hook sets each config's blocks
     q_desc, c_desc, use_tma = tma_descriptors(queries, candidates, block_m, block_n, block_k)
-    threshold_topk_kernel[(programs,)](
+    programs = PROGRAMS_PER_SM * _retrieval.multiprocessor_count(device)
+
+    def grid(config):
+        return (min(programs, triton.cdiv(num_queries, config["BLOCK_M"]) *
+                    triton.cdiv(num_candidates, config["BLOCK_N"])),)
+
+    TUNED_THRESHOLD_KERNELS[queries.dtype][grid](
         queries, candidates, query_scale, candidate_scale, q_desc, c_desc, threshold.contiguous(),
         max_score if max_score is not None else threshold, count, scores, ids, nonfinite,
-        num_queries, num_candidates, dim, queries.stride(0), candidates.stride(0), capacity, programs,
-        HAS_MAX_SCORE=max_score is not None, UPCAST=upcast_for(queries.dtype, device),
-        EVEN_K=dim % block_k == 0, USE_TMA=use_tma, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages,
+        num_queries, num_candidates, dim, queries.stride(0), candidates.stride(0), capacity,
+        HAS_MAX_SCORE=max_score is not None, UPCAST=upcast_for(queries.dtype, device), USE_TMA=use_tma,
     )
     return count, scores, ids, nonfinite
 
@@ -389,13 +452,15 @@ def _split_topk_case(dtype, list_size, key_mode, has_max_score, exclude_width):
     )
     scored = key_mode == 0 or has_max_score
     on_tensor_cores = scored and dtype != "fp32"  # fp32 rows take exact fp32 FMAs (input_precision="ieee")
+    # The exact path serves what the threshold path does not (pools below its size, its fallback rows, mining's
+    # random draw), so its per-split lists are not held to the main path's figures.
     known = {}
     if list_size > 16 or not scored or dtype == "fp32":
-        known["spills"] = "issue 15: the [64, LIST] int64 register list beside the score tile"
+        known["spills"] = "exact path only: the [64, LIST] int64 register list beside the score tile"
     if on_tensor_cores:
-        known["mma_n"] = "issue 15: 64x64 tiles"
+        known["mma_n"] = "exact path only: 64x64 tiles"
     if key_mode == 0:
-        known["epilogue"] = known["int64_compares"] = "issue 15: int64 keys and an insertion loop per tile"
+        known["epilogue"] = known["int64_compares"] = "exact path only: int64 keys and an insertion loop per tile"
     expect = aot.Expect(
         tensor_cores="HGMMA" if on_tensor_cores else None,
         min_mma_n=128 if on_tensor_cores else 0,
@@ -409,11 +474,11 @@ def _split_topk_case(dtype, list_size, key_mode, has_max_score, exclude_width):
     return aot.Case(split_topk_kernel, label, args, expect, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
-def _threshold_topk_case(dtype, has_max_score, use_tma=True):
+def _threshold_topk_case(dtype, has_max_score, use_tma=True, tiles=None):
     plan = _retrieval.threshold_plan(HEADLINE_QUERIES, HEADLINE_CANDIDATES, 100)
     rows, dim, capacity = plan.rows, HEADLINE_DIM, plan.capacity
     element = aot.DTYPES[dtype]
-    block_m, block_n, block_k, warps, stages = THRESHOLD_TILES[element]
+    block_m, block_n, block_k, warps, stages = tiles or THRESHOLD_TILES[element]
     queries, candidates = aot.meta(rows, dim, dtype=element), aot.meta(HEADLINE_CANDIDATES, dim, dtype=element)
     q_desc, c_desc, _ = tma_descriptors(queries, candidates, block_m, block_n, block_k) if use_tma else (
         queries, candidates, False)
@@ -424,7 +489,7 @@ def _threshold_topk_case(dtype, has_max_score, use_tma=True):
         score_out_ptr=aot.meta(rows, capacity), id_out_ptr=aot.meta(rows, capacity, dtype=torch.int32),
         nonfinite_ptr=aot.meta(1, dtype=torch.int32),
         num_queries=rows, num_candidates=HEADLINE_CANDIDATES, dim=dim, stride_q=dim, stride_c=dim,
-        capacity=capacity, num_programs=HEADLINE_SMS * PROGRAMS_PER_SM,
+        capacity=capacity,
         HAS_MAX_SCORE=has_max_score, UPCAST=False, EVEN_K=dim % block_k == 0, USE_TMA=use_tma,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )
@@ -442,7 +507,8 @@ def _threshold_topk_case(dtype, has_max_score, use_tma=True):
         int64_compares=False,
         known={},
     )
-    label = f"{dtype}" + (", max_score" if has_max_score else "") + ("" if use_tma else ", pointer loads")
+    label = f"{dtype}" + (", max_score" if has_max_score else "") + ("" if use_tma else ", pointer loads") + (
+        f", tuned {block_m}x{block_n}x{block_k}" if tiles else "")
     return aot.Case(threshold_topk_kernel, label, args, expect, num_warps=warps, num_stages=stages)
 
 
@@ -459,3 +525,6 @@ AOT_CASES = [
 AOT_CASES += [_threshold_topk_case(dtype, has_max_score, use_tma=dtype != "fp32") for dtype in aot.DTYPES
               for has_max_score in (False, True)]
 AOT_CASES += [_threshold_topk_case(dtype, False, use_tma=False) for dtype in ("fp16", "bf16")]
+# The autotune table's other configs, on the same checks.
+AOT_CASES += [_threshold_topk_case(dtype, False, use_tma=dtype != "fp32", tiles=tiles) for dtype in ("fp32", "bf16")
+              for tiles in TUNED_TILES[aot.DTYPES[dtype]][1:]]

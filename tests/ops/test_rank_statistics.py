@@ -8,6 +8,8 @@ ranked by id; one-dimensional positives with no negative left; trained-like data
 arguments raising; strided inputs; opcheck and torch.compile. Case sizes follow where a backend runs: the Triton
 interpreter gets small ones, a GPU its large ones.
 """
+import collections
+
 import pytest
 import torch
 
@@ -449,3 +451,101 @@ def test_opcheck_and_compile(backend, device):
             return rank_statistics(q, c, positives, backend=choice).rank
 
         assert torch.equal(torch.compile(ranks, fullgraph=True)(q, c), ranks(q, c))
+
+
+# ---- the CUDA backend's chunked pass (cuBLAS chunks, then a count kernel), on its CPU twins ---------------------
+
+
+@pytest.fixture
+def chunked(monkeypatch):
+    """``run`` for the CUDA backend's design on the CPU: its drivers with the CPU twins of its kernels
+    (``pair_scores_cpu``, ``rank_counts_cpu``), in chunks of one count run's 512 candidates, so that small pools
+    span several, end in a short one, and most runs take the count's short rule (no listed id in the run)."""
+    from elva_kernels.ops.rank_statistics import check_arguments
+
+    monkeypatch.setattr(_retrieval, "chunk_columns", lambda queries: 512)
+    kernels = _retrieval.chunked_kernels(None, "cpu")
+
+    def run_chunked(case):
+        q, c = case["queries"], case["candidates"]
+        positives, exclude, _ = check_arguments(q, c, case["positives"], case["metric"], case["exclude"])
+        rank, pos_score, max_neg_score = _retrieval.rank_statistics(kernels, q, c, positives, case["metric"], exclude)
+        return Ranks(rank, pos_score, max_neg_score)
+
+    return run_chunked
+
+
+Ranks = collections.namedtuple("Ranks", "rank pos_score max_neg_score")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("metric", METRICS)
+def test_chunked_pass_matches_reference(chunked, dtype, metric):
+    for make_args, cases, seed in REFERENCE_CASE_SETS["cpu"]:
+        gen = torch.Generator().manual_seed(seed + 100)
+        for _ in range(cases):
+            case = make_case(gen, dtype, metric, **make_args)
+            compare(chunked(case), run(case, "torch"), case, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_chunked_pass_ties_copies_by_id_across_chunks(chunked, dtype):
+    """Copies of the positive before it, after it, in other chunks and in the short last one rank by id (every GEMM
+    has one shape, so a copy scores bitwise like the positive); an excluded copy does not count."""
+    gen = torch.Generator().manual_seed(11)
+    candidates = random_rows(gen, 2000, 16, ties=True)
+    positives = torch.tensor([[1000, -1], [50, 1900], [1999, -1]])
+    for positive, copies in ((1000, [3, 700, 1500]), (50, [400, 1800, 1950]), (1999, [10, 1200])):
+        candidates[copies] = candidates[positive].clone()
+    exclude = torch.tensor([[700, -1], [-1, -1], [1200, 5]])
+    case = {"queries": random_rows(gen, 3, 16, ties=False).to(dtype), "candidates": candidates.to(dtype),
+            "positives": positives, "metric": "cosine", "exclude": exclude}
+    actual, expected = chunked(case), run(case, "torch")
+    compare(actual, expected, case, dtype)
+    assert torch.equal(actual.rank, expected.rank)
+
+
+def test_chunked_pass_all_equal_scores(chunked):
+    case = {"queries": torch.ones(3, 4), "candidates": torch.ones(2000, 4),
+            "positives": torch.tensor([[0], [999], [1999]]), "metric": "cosine", "exclude": None}
+    actual = chunked(case)
+    assert actual.rank.tolist() == [1, 1000, 2000]
+    assert torch.equal(actual.pos_score, actual.max_neg_score)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_chunked_pass_non_finite_raises(chunked, bad):
+    q, c = torch.randn(4, 8), torch.randn(700, 8)
+    c[600, 2] = bad  # in the third chunk
+    case = {"queries": q, "candidates": c, "positives": torch.tensor([[0], [1], [2], [3]]), "metric": "dot",
+            "exclude": None}
+    with pytest.raises(ValueError, match="candidates must contain only finite values"):
+        chunked(case)
+
+
+def test_chunked_pass_host_work_does_not_grow_with_the_pool(monkeypatch):
+    monkeypatch.setattr(_retrieval, "chunk_columns", lambda queries: 512)
+    kernels = _retrieval.chunked_kernels(None, "cpu")
+    counts = host_ops_per_pool(lambda q, c, positives: _retrieval.rank_statistics(kernels, q, c, positives, "cosine",
+                                                                                  None), "cpu")
+    assert counts[0] == counts[1], counts
+
+
+def test_chunked_kernels_refuse_bad_arguments_by_name():
+    q, c = torch.randn(3, 8), torch.randn(50, 8)
+    scales = torch.ones(3), torch.ones(50)
+    listed = torch.full((3, 1), 2**31 - 1, dtype=torch.int32)
+    positive = torch.zeros(3), torch.zeros(3), torch.zeros(3, dtype=torch.int32)
+    counts, pairs = torch.ops.elva.rank_counts_cpu.default, torch.ops.elva.pair_scores_cpu.default
+    with pytest.raises(ValueError, match="chunk_columns"):
+        counts(q, c, *scales, listed, *positive, 6)
+    with pytest.raises(TypeError, match="listed must be int32"):
+        counts(q, c, *scales, listed.long(), *positive, 256)
+    with pytest.raises(TypeError, match="pos_id must be a int32"):
+        counts(q, c, *scales, listed, *positive[:2], positive[2].long(), 256)
+    with pytest.raises(ValueError, match="candidate_scale must be a float32 \\[N\\] tensor with N = 50"):
+        counts(q, c, scales[0], torch.ones(49), listed, *positive, 256)
+    with pytest.raises(TypeError, match="ids must be int64"):
+        pairs(q, c, *scales, torch.zeros(3, 1, dtype=torch.int32), 256)
+    with pytest.raises(TypeError, match="candidates must have the queries' dtype"):
+        pairs(q, c.half(), *scales, torch.zeros(3, 1, dtype=torch.int64), 256)

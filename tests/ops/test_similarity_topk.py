@@ -563,8 +563,7 @@ def threshold_kernels(backend):
     from elva_kernels import _retrieval
 
     if backend == "chunked":
-        return dataclasses.replace(_retrieval._triton_kernels(), threshold_topk=_retrieval.chunked_threshold_topk(
-            torch.ops.elva.threshold_topk_cpu.default))
+        return _retrieval.chunked_kernels(_retrieval._triton_kernels().split_topk, "cpu")
     return _retrieval._triton_kernels() if backend == "triton" else _retrieval._cuda_kernels()
 
 
@@ -593,7 +592,7 @@ def small_sample(monkeypatch):
 
     monkeypatch.setattr(_retrieval, "SAMPLE_SIZES", (256, 256))
     monkeypatch.setattr(_retrieval, "MAX_CAPACITY_FRACTION", 1.0)
-    monkeypatch.setattr(_retrieval, "SCORE_CHUNK_BYTES", 0)
+    monkeypatch.setattr(_retrieval, "CHUNK_BYTES", 0)
     _retrieval.FALLBACKS.clear()
     return _retrieval
 
@@ -618,6 +617,28 @@ def test_threshold_pass_loads_half_rows_by_tma():
 
     assert uses_tma(5, 64, torch.float16) and uses_tma(5, 24, torch.bfloat16)
     assert not uses_tma(5, 33, torch.float16) and not uses_tma(5, 64, torch.float32)
+
+
+def test_autotune_times_only_large_passes():
+    from elva_kernels.triton import similarity_topk as kernels
+
+    configs = ["first", "second"]
+    assert kernels._tune_large_passes(configs, {"num_queries": 1024, "num_candidates": 100_000}) == ["first"]
+    assert kernels._tune_large_passes(configs, {"num_queries": 1024, "num_candidates": 10**6}) == configs
+
+
+def test_every_autotuned_config_is_exact(small_sample, monkeypatch):
+    """Each tile config of the autotune table (the interpreter's autotuner runs the first only), on the half cases
+    of the threshold path: ragged tiles, exclusions, max_score, rows TMA cannot read."""
+    require_threshold_backend("triton", "cpu", torch.float16)
+    from elva_kernels.triton import similarity_topk as kernels
+
+    for tiles in kernels.TUNED_TILES[torch.float16]:
+        monkeypatch.setitem(kernels.TUNED_THRESHOLD_KERNELS, torch.float16, kernels.tuned_threshold_kernel([tiles]))
+        gen = torch.Generator().manual_seed(22)
+        for rows, pool, dim, k, dtype, width, max_score in THRESHOLD_CASES:
+            if dtype == torch.float16:
+                check_threshold_case("triton", "cpu", gen, rows, pool, dim, k, dtype, width, max_score)
 
 
 def check_threshold_case(backend, device, gen, rows, pool, dim, k, dtype, width, max_score, *, candidates=None):

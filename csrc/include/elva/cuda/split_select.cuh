@@ -1,6 +1,6 @@
-// CUDA launchers of the per-split selection kernels behind elva_kernels/_retrieval.py (keys, eligibility,
+// CUDA launcher of the per-split selection kernel behind elva_kernels/_retrieval.py (keys, eligibility,
 // list layout and sentinels are defined in that module's docstring). Torch-free, so that nvcc and ctest build
-// them without libtorch.
+// it without libtorch.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -14,7 +14,7 @@ namespace elva {
 // The scored pair (queries [B, d], candidates [N, d]): device pointers, one element type, unit stride along d,
 // row strides in elements. score(i, j) = (acc * query_scale[i]) * candidate_scale[j], acc the fp32 sum of
 // q[i, k] * c[j, k]: fp32 FMAs in k order for F32, tensor-core 16x16x16 MMAs with fp32 accumulators for
-// F16/BF16. All three launchers compute a pair's score with the same arithmetic, so their scores agree bitwise.
+// F16/BF16, the same arithmetic wherever the pair sits.
 // Requires N < 2**31.
 struct ScorePool {
   const void* queries;
@@ -38,18 +38,5 @@ cudaError_t split_topk_cuda(const ScorePool& pool, const int64_t* exclude, int64
                             const float* max_score, const int64_t* upper, int64_t num_splits, int64_t split_size,
                             int64_t list_size, int64_t key_mode, int64_t seed, int64_t* keys, int32_t* nonfinite,
                             cudaStream_t stream);
-
-// out [B, cols] (contiguous) = score(i, ids[i, t]), -inf where ids[i, t] == -1; ids contiguous [B, cols].
-cudaError_t pair_scores_cuda(const ScorePool& pool, const int64_t* ids, int64_t cols, float* out,
-                             cudaStream_t stream);
-
-// Key mode 0. Per (query i, split s): a candidate of the split is a negative when it is listed in neither
-// positives[i] ([B, positive_cols], -1 padded) nor exclude[i] ([B, exclude_cols] or nullptr);
-// ahead[i, s] = the number of negatives whose key > pos_keys[i], max_neg_keys[i, s] = their largest key
-// (INT64_MIN when the split has none). ahead and max_neg_keys: [B, num_splits] contiguous. nonfinite as above.
-cudaError_t split_rank_counts_cuda(const ScorePool& pool, const int64_t* positives, int64_t positive_cols,
-                                   const int64_t* exclude, int64_t exclude_cols, const int64_t* pos_keys,
-                                   int64_t num_splits, int64_t split_size, int64_t* ahead, int64_t* max_neg_keys,
-                                   int32_t* nonfinite, cudaStream_t stream);
 
 }  // namespace elva

@@ -8,9 +8,11 @@ accumulation) scaled by both rows' inverse norms, so z = cos / tau without norma
 * ``column_lse_kernel`` (symmetric only): a program owns BLOCK_N of the first B candidates and
   streams the query tiles for the candidate -> query log-sum-exp.
 * ``grad_queries_kernel`` / ``grad_candidates_kernel``: recompute each tile, form dL/dz from the
-  saved lse (and the reverse lse), and accumulate the prepared rows' gradients in fp32 [B, d] /
-  [N, d] buffers, d chunk by d chunk, each row owned by one program (no atomics). The first
-  kernel also sums dL/dz * s for the temperature.
+  saved lse (and the reverse lse) in fp32, and accumulate the prepared rows' gradients in fp32 [B, d] /
+  [N, d] buffers, d chunk by d chunk, each row owned by one program (no atomics). For half rows
+  dL/ds enters the products in the rows' dtype, scaled by a power of two into its range
+  (``_grad_scale``), so dQ = dS C and dC = dS^T Q run on tensor cores with fp32 accumulation, as
+  FlashAttention's backward does. The first kernel also sums dL/dz * s for the temperature.
 
 The launchers map the prepared-row gradients back through the normalisation with the
 reference's ``_common.prepare_backward_rows``.
@@ -29,14 +31,23 @@ from elva_kernels.reference import infonce_loss as reference
 from elva_kernels.triton import aot
 from elva_kernels.triton.rank_statistics import pair_scores
 from elva_kernels.triton.similarity_topk import (
-    BLOCK_K, BLOCK_M, BLOCK_N, NUM_STAGES, NUM_WARPS, _listed, _nonfinite, _score_tile, upcast_for,
+    BLOCK_K, BLOCK_M, BLOCK_N, NUM_STAGES, NUM_WARPS, _accumulate, _listed, _max_with_nan, _row_magnitude,
+    _score_tile, upcast_for,
 )
+
+# The forward's tiles per dtype (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): 128 x 128 for half rows (HGMMA
+# m64n128 per warpgroup); fp32 rows take exact FFMAs, whose operands need registers, so they keep 64 x 64.
+FORWARD_TILES = {torch.float16: (128, 128, 64, 8, 3), torch.bfloat16: (128, 128, 64, 8, 3),
+                 torch.float32: (BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES)}
 
 
 @triton.jit
-def _logits(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, fn_ptr, fn_width, tau, rows, cols, row_ok, col_ok, dim, stride_q,
-            stride_c, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
-    """(scores, z = scores / tau with -inf at padding and false negatives) of a [BLOCK_M, BLOCK_N] tile."""
+def _logits(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, fn_ptr, fn_width, tau, rows, cols, row_ok, col_ok, dim,
+            stride_q, stride_c, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+            UPCAST: tl.constexpr):
+    """(scores, z = scores / tau with -inf at padding and false negatives) of a [BLOCK_M, BLOCK_N] tile. Forward and
+    backward must form z alike (the backward's p = exp(z - lse) turns an ulp of z into 1e-5 of p at tau = 0.01), so
+    all kernels divide."""
     scores = _score_tile(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, rows, cols, row_ok, col_ok, dim, stride_q, stride_c,
                          BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
     skipped = ~(row_ok[:, None] & col_ok[None, :]) | _listed(fn_ptr, rows, row_ok, fn_width, cols, BLOCK_M, BLOCK_N)
@@ -46,7 +57,7 @@ def _logits(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, fn_ptr, fn_width, tau, rows,
 @triton.jit
 def forward_kernel(
     q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, labels_ptr, fn_ptr, fn_width, tau_ptr,
-    lse_ptr, positive_ptr, nonfinite_ptr,
+    lse_ptr, positive_ptr, largest_ptr,  # fp32 [B] each; largest: the row's largest |score| (NaN if one is NaN)
     num_queries, num_candidates, dim, stride_q, stride_c,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -54,24 +65,28 @@ def forward_kernel(
     row_ok = rows < num_queries
     tau = tl.load(tau_ptr)
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    # The online log-sum-exp shifts by the row's running max in natural units: exp2 of z log2(e) would round each
+    # term by |z| 2**-24 (1e-5 relative at tau = 0.01), which the backward's p = exp(z - lse) inherits.
     running_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     positive = tl.zeros([BLOCK_M], dtype=tl.float32)
-    bad = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    largest = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range(0, num_candidates, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < num_candidates
-        scores, z = _logits(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, fn_ptr, fn_width, tau, rows, cols, row_ok, col_ok,
-                            dim, stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
-        bad = bad | (row_ok[:, None] & col_ok[None, :] & _nonfinite(scores)).to(tl.int32)
-        positive += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
+        scores, z = _logits(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, fn_ptr, fn_width, tau, rows, cols, row_ok,
+                            col_ok, dim, stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+        largest = _max_with_nan(largest, _row_magnitude(scores))  # padding scores 0
+        here = (labels - start).to(tl.int32)  # the label's lane in this tile: a 32-bit compare per score
+        positive += tl.sum(tl.where(tl.arange(0, BLOCK_N)[None, :] == here[:, None], z, 0.0), axis=1)
         new_max = tl.maximum(running_max, tl.max(z, axis=1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row masked so far: no -inf - -inf
         running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
         running_max = new_max
-    tl.store(lse_ptr + rows, running_max + tl.log(tl.where(row_ok, running_sum, 1.0)), mask=row_ok)
+    lse = running_max + tl.log(tl.where(row_ok, running_sum, 1.0))
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
     tl.store(positive_ptr + rows, positive, mask=row_ok)
-    tl.atomic_max(nonfinite_ptr, 1, mask=tl.max(tl.max(bad, axis=1), axis=0) > 0)
+    tl.store(largest_ptr + rows, largest, mask=row_ok)
 
 
 @triton.jit
@@ -88,8 +103,8 @@ def column_lse_kernel(
     for start in range(0, num_queries, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows < num_queries
-        _, z = _logits(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, fn_ptr, fn_width, tau, rows, cols, row_ok, col_ok, dim,
-                       stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+        _, z = _logits(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, fn_ptr, fn_width, tau, rows, cols, row_ok, col_ok,
+                       dim, stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
         new_max = tl.maximum(running_max, tl.max(z, axis=0))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(z - shift[None, :]), axis=0)
@@ -113,11 +128,28 @@ def _grad_logits(z, rows, cols, row_ok, col_ok, labels, lse, weight, upstream_ls
 
 
 @triton.jit
+def _product_operand(grad_s, grad_scale, rows_ptr):
+    """dL/ds as the left operand of a gradient product: for half rows, scaled by ``grad_scale`` and rounded to the
+    rows' dtype, so the product runs on tensor cores with fp32 accumulation (dL/dz, p and lse stay fp32)."""
+    if rows_ptr.dtype.element_ty == tl.float32:
+        return grad_s
+    return (grad_s * grad_scale).to(rows_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _gradient_product(grad_s, rows, grad_scale, UPCAST: tl.constexpr):
+    """fp32 grad_s @ rows, undoing ``_product_operand``'s scale (a power of two: exact)."""
+    part = _accumulate(tl.zeros([grad_s.shape[0], rows.shape[1]], dtype=tl.float32), grad_s, rows, UPCAST)
+    return part if grad_s.dtype == tl.float32 else part * (1.0 / grad_scale)
+
+
+@triton.jit
 def grad_queries_kernel(
     q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, labels_ptr, fn_ptr, fn_width, tau_ptr,
     lse_ptr, weight_ptr, upstream_lse_ptr, column_lse_ptr,
     grad_q_ptr,  # fp32 [B, dim], zeroed: dL/dq' of the prepared rows
     grad_tau_ptr,  # fp32 [programs]: this program's sum of dL/dz * s
+    grad_scale_ptr,  # fp32 [1], half rows: the power of two that brings dL/ds into their range (``_grad_scale``)
     num_queries, num_candidates, dim, stride_q, stride_c,
     SYMMETRIC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -125,6 +157,7 @@ def grad_queries_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < num_queries
     tau = tl.load(tau_ptr)
+    grad_scale = tl.load(grad_scale_ptr)
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     weight = tl.load(weight_ptr + rows, mask=row_ok, other=0.0)
@@ -134,22 +167,22 @@ def grad_queries_kernel(
     for start in range(0, num_candidates, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < num_candidates
-        scores, z = _logits(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, fn_ptr, fn_width, tau, rows, cols, row_ok, col_ok,
-                            dim, stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+        scores, z = _logits(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, fn_ptr, fn_width, tau, rows, cols, row_ok,
+                            col_ok, dim, stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
         grad_z = _grad_logits(z, rows, cols, row_ok, col_ok, labels, lse, weight, upstream_lse, column_lse_ptr,
                               weight_ptr, num_queries, SYMMETRIC)
         grad_tau += tl.sum(grad_z * scores, axis=1)
         # dL/dq'_i = sum_j dL/ds_ij c'_j, with c'_j = c_j * scale_j.
         c_scale = tl.load(c_scale_ptr + cols, mask=col_ok, other=0.0)
-        grad_s = (grad_z / tau) * c_scale[None, :]
+        grad_s = _product_operand((grad_z / tau) * c_scale[None, :], grad_scale, c_ptr)
         for k0 in range(0, dim, BLOCK_K):
             k = k0 + kk
             k_ok = k < dim
             c = tl.load(c_ptr + cols[:, None] * stride_c + k[None, :], mask=col_ok[:, None] & k_ok[None, :],
-                        other=0.0).to(tl.float32)
+                        other=0.0)
             out = grad_q_ptr + rows[:, None] * dim + k[None, :]
             out_ok = row_ok[:, None] & k_ok[None, :]
-            tl.store(out, tl.load(out, mask=out_ok, other=0.0) + tl.dot(grad_s, c, input_precision="ieee"),
+            tl.store(out, tl.load(out, mask=out_ok, other=0.0) + _gradient_product(grad_s, c, grad_scale, UPCAST),
                      mask=out_ok)
     tl.store(grad_tau_ptr + tl.program_id(0), tl.sum(grad_tau, axis=0))
 
@@ -159,6 +192,7 @@ def grad_candidates_kernel(
     q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, labels_ptr, fn_ptr, fn_width, tau_ptr,
     lse_ptr, weight_ptr, upstream_lse_ptr, column_lse_ptr,
     grad_c_ptr,  # fp32 [N, dim], zeroed: dL/dc' of the prepared rows
+    grad_scale_ptr,  # as grad_queries_kernel's
     num_queries, num_candidates, dim, stride_q, stride_c,
     SYMMETRIC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -166,6 +200,7 @@ def grad_candidates_kernel(
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < num_candidates
     tau = tl.load(tau_ptr)
+    grad_scale = tl.load(grad_scale_ptr)
     kk = tl.arange(0, BLOCK_K)
     for start in range(0, num_queries, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -174,21 +209,21 @@ def grad_candidates_kernel(
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         weight = tl.load(weight_ptr + rows, mask=row_ok, other=0.0)
         upstream_lse = tl.load(upstream_lse_ptr + rows, mask=row_ok, other=0.0)
-        _, z = _logits(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, fn_ptr, fn_width, tau, rows, cols, row_ok, col_ok, dim,
-                       stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+        _, z = _logits(q_ptr, c_ptr, q_scale_ptr, c_scale_ptr, fn_ptr, fn_width, tau, rows, cols, row_ok, col_ok,
+                       dim, stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
         grad_z = _grad_logits(z, rows, cols, row_ok, col_ok, labels, lse, weight, upstream_lse, column_lse_ptr,
                               weight_ptr, num_queries, SYMMETRIC)
         # dL/dc'_j = sum_i dL/ds_ij q'_i, with q'_i = q_i * scale_i.
         q_scale = tl.load(q_scale_ptr + rows, mask=row_ok, other=0.0)
-        grad_s = (grad_z / tau) * q_scale[:, None]
+        grad_s = tl.trans(_product_operand((grad_z / tau) * q_scale[:, None], grad_scale, q_ptr))
         for k0 in range(0, dim, BLOCK_K):
             k = k0 + kk
             k_ok = k < dim
             q = tl.load(q_ptr + rows[:, None] * stride_q + k[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                        other=0.0).to(tl.float32)
+                        other=0.0)
             out = grad_c_ptr + cols[:, None] * dim + k[None, :]
             out_ok = col_ok[:, None] & k_ok[None, :]
-            tl.store(out, tl.load(out, mask=out_ok, other=0.0) + tl.dot(tl.trans(grad_s), q, input_precision="ieee"),
+            tl.store(out, tl.load(out, mask=out_ok, other=0.0) + _gradient_product(grad_s, q, grad_scale, UPCAST),
                      mask=out_ok)
 
 
@@ -199,9 +234,10 @@ def _prepared(queries, candidates, false_negatives):
     return queries, candidates, fn, _retrieval.scales(queries, "cosine"), _retrieval.scales(candidates, "cosine")
 
 
-def _common_args(queries, candidates):
-    return dict(UPCAST=upcast_for(queries.dtype, queries.device), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+def _common_args(queries, candidates, tiles=(BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES)):
+    block_m, block_n, block_k, warps, stages = tiles
+    return dict(UPCAST=upcast_for(queries.dtype, queries.device), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                num_warps=warps, num_stages=stages)
 
 
 def _column_lse(queries, candidates, q_scale, c_scale, fn, temperature):
@@ -222,20 +258,31 @@ def infonce_loss(queries, candidates, labels, temperature, symmetric, false_nega
     num_queries, num_candidates = queries.shape[0], candidates.shape[0]
     temperature = temperature.detach().float().contiguous()
     lse = torch.empty(num_queries, dtype=torch.float32, device=queries.device)
-    positive = torch.empty_like(lse)
-    nonfinite = torch.zeros(1, dtype=torch.int32, device=queries.device)
-    forward_kernel[(triton.cdiv(num_queries, BLOCK_M),)](
+    positive, largest = torch.empty_like(lse), torch.empty_like(lse)
+    tiles = FORWARD_TILES[queries.dtype]
+    forward_kernel[(triton.cdiv(num_queries, tiles[0]),)](
         queries, candidates, q_scale, c_scale, labels.contiguous(), fn if fn is not None else labels,
-        fn.shape[1] if fn is not None else 0, temperature, lse, positive, nonfinite,
+        fn.shape[1] if fn is not None else 0, temperature, lse, positive, largest,
         num_queries, num_candidates, queries.shape[1], queries.stride(0), candidates.stride(0),
-        **_common_args(queries, candidates),
+        **_common_args(queries, candidates, tiles),
     )
-    if nonfinite.item():
+    if num_queries and not bool(largest.amax() <= torch.finfo(torch.float32).max):  # NaN or Inf
         _retrieval.raise_nonfinite(queries=queries, candidates=candidates)
     loss = lse - positive
     if symmetric:
         loss = (loss + _column_lse(queries, candidates, q_scale, c_scale, fn, temperature) - positive) / 2
     return loss, lse
+
+
+def _grad_scale(dtype, tau, weight, upstream_lse, q_scale, c_scale, symmetric) -> torch.Tensor:
+    """fp32 [1]: a power of two g with g max|dL/ds| <= half the largest ``dtype`` value, so that half dL/ds neither
+    overflows nor loses small terms to subnormals (fp16's range is 2**-24..65504). dL/ds_ij = dL/dz_ij * scale / tau
+    with |dL/dz_ij| <= |w_i + u_i| + |w_i| (+ 2 max|w| symmetric), w the loss weights and u the lse's. On the device:
+    no host sync."""
+    bound = (weight + upstream_lse).abs().amax() + weight.abs().amax() * (3 if symmetric else 1)
+    bound = bound / tau.reshape(()) * torch.maximum(q_scale.amax(), c_scale.amax())
+    exponent = torch.floor(torch.log2(torch.finfo(dtype).max / 2 / bound)).clamp(-64, 64)
+    return torch.exp2(exponent).float().reshape(1)
 
 
 def infonce_loss_backward(queries, candidates, labels, temperature, symmetric, false_negatives, loss, lse, grad_loss,
@@ -258,14 +305,15 @@ def infonce_loss_backward(queries, candidates, labels, temperature, symmetric, f
         column_lse = (2 * loss - lse + 2 * (diagonal / tau)).contiguous()
     args = (queries, candidates, q_scale, c_scale, labels.contiguous(), fn if fn is not None else labels,
             fn.shape[1] if fn is not None else 0, tau, lse.contiguous(), weight, upstream_lse, column_lse)
+    grad_scale = _grad_scale(queries.dtype, tau, weight, upstream_lse, q_scale, c_scale, symmetric)
     sizes = (num_queries, num_candidates, dim, queries.stride(0), candidates.stride(0))
     grad_q = grad_c = grad_t = None
     if want_q or want_t:
         programs = triton.cdiv(num_queries, BLOCK_M)
         grad_q_prepared = torch.zeros((num_queries, dim), dtype=torch.float32, device=queries.device)
         grad_tau_parts = torch.empty(programs, dtype=torch.float32, device=queries.device)
-        grad_queries_kernel[(programs,)](*args, grad_q_prepared, grad_tau_parts, *sizes, SYMMETRIC=symmetric,
-                                         **_common_args(queries, candidates))
+        grad_queries_kernel[(programs,)](*args, grad_q_prepared, grad_tau_parts, grad_scale, *sizes,
+                                         SYMMETRIC=symmetric, **_common_args(queries, candidates))
         if want_q:
             grad_q = _common.prepare_backward_rows(originals[0], "cosine", grad_q_prepared)
         if want_t:
@@ -273,7 +321,7 @@ def infonce_loss_backward(queries, candidates, labels, temperature, symmetric, f
     if want_c:
         grad_c_prepared = torch.zeros((num_candidates, dim), dtype=torch.float32, device=queries.device)
         grad_candidates_kernel[(triton.cdiv(num_candidates, BLOCK_N),)](
-            *args, grad_c_prepared, *sizes, SYMMETRIC=symmetric, **_common_args(queries, candidates)
+            *args, grad_c_prepared, grad_scale, *sizes, SYMMETRIC=symmetric, **_common_args(queries, candidates)
         )
         grad_c = _common.prepare_backward_rows(originals[1], "cosine", grad_c_prepared)
     return (
@@ -296,6 +344,8 @@ def _aot_cases(dtype):
                    q_scale_ptr=vector, c_scale_ptr=vector, fn_ptr=ids, fn_width=0, tau_ptr=aot.meta())
     sizes = dict(num_queries=rows, num_candidates=rows, dim=dim, stride_q=dim, stride_c=dim)
     tile = dict(UPCAST=False, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    forward_tiles = FORWARD_TILES[element]
+    forward_tile = dict(UPCAST=False, BLOCK_M=forward_tiles[0], BLOCK_N=forward_tiles[1], BLOCK_K=forward_tiles[2])
     grad_inputs = dict(tensors, labels_ptr=ids, lse_ptr=vector, weight_ptr=vector, upstream_lse_ptr=vector,
                        column_lse_ptr=vector)
     on_tensor_cores = dtype != "fp32"  # fp32 rows take exact fp32 FMAs (input_precision="ieee")
@@ -303,17 +353,17 @@ def _aot_cases(dtype):
     scores = aot.Expect(tensor_cores="HGMMA" if on_tensor_cores else None, min_mma_n=128 if on_tensor_cores else 0,
                         async_copy=True, known=small_tiles)
     forward = dataclasses.replace(scores, known={"spills": "issue 16: fp32 score tiles beside the online lse"}
-                                  if dtype == "fp32" else small_tiles)
+                                  if dtype == "fp32" else {})
     products = aot.Expect(
         tensor_cores="HGMMA" if on_tensor_cores else None, min_mma_n=128 if on_tensor_cores else 0,
         cuda_core_dots=not on_tensor_cores, async_copy=True,
-        known={**small_tiles, "spills": "issue 16: fp32 dot operands and the d-chunk loop",
-               **({"cuda_core_dots": "issue 16: dQ/dC as fp32 ieee dots"} if on_tensor_cores else {})})
+        known={**small_tiles, **({} if on_tensor_cores else {"spills": "issue 16: fp32 dot operands and the d-chunk "
+                                                                     "loop"})})
     options = dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     cases = [
         aot.Case(forward_kernel, dtype, dict(tensors, labels_ptr=ids, lse_ptr=vector, positive_ptr=vector,
-                                             nonfinite_ptr=aot.meta(1, dtype=torch.int32), **sizes, **tile),
-                 forward, **options),
+                                             largest_ptr=vector, **sizes, **forward_tile),
+                 forward, num_warps=forward_tiles[3], num_stages=forward_tiles[4]),
         aot.Case(column_lse_kernel, dtype, dict(tensors, column_lse_ptr=vector, num_queries=rows, dim=dim,
                                                 stride_q=dim, stride_c=dim, **tile), scores, **options),
     ]
@@ -322,10 +372,12 @@ def _aot_cases(dtype):
         programs = triton.cdiv(rows, BLOCK_M)
         cases += [
             aot.Case(grad_queries_kernel, label,
-                     dict(grad_inputs, grad_q_ptr=aot.meta(rows, dim), grad_tau_ptr=aot.meta(programs), **sizes,
+                     dict(grad_inputs, grad_q_ptr=aot.meta(rows, dim), grad_tau_ptr=aot.meta(programs),
+                          grad_scale_ptr=aot.meta(1), **sizes,
                           SYMMETRIC=symmetric, **tile), products, **options),
             aot.Case(grad_candidates_kernel, label,
-                     dict(grad_inputs, grad_c_ptr=aot.meta(rows, dim), **sizes, SYMMETRIC=symmetric, **tile),
+                     dict(grad_inputs, grad_c_ptr=aot.meta(rows, dim), grad_scale_ptr=aot.meta(1), **sizes,
+                          SYMMETRIC=symmetric, **tile),
                      products, **options),
         ]
     return cases

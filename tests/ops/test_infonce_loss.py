@@ -178,6 +178,26 @@ def test_small_temperature_does_not_overflow(backend, device, tau):
 
 
 @pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
+def test_half_gradients_keep_small_terms(backend, device):
+    """fp16 rows where every dL/ds is tiny: p ~ 1 / 2000 over tau = 1000 puts it near 6e-7, among fp16's subnormals
+    (spacing 6e-8). Backends that round dL/ds to the rows' dtype for tensor-core products must first scale it into
+    the normal range. The gradients are that small too, so each may be off by its own rounding to fp16 and 1% of the
+    largest (rounded unscaled, the query gradients are 4% off)."""
+    require_backend(OP, backend, device, torch.float16)
+    q, c, _, dense_labels, _, (_, lse_weight) = make_case((8, 2000, 32), torch.float16, True, False, seed=4)
+    q_dev, c_dev = (x.to(device).requires_grad_() for x in (q, c))
+    _, lse = infonce_loss(q_dev, c_dev, temperature=1000.0, symmetric=True, reduction="none", return_lse=True,
+                          backend=backend)
+    grads = torch.autograd.grad((lse * 8 * lse_weight.sign().to(device)).sum(), (q_dev, c_dev))
+    q64, c64 = q.double().requires_grad_(), c.double().requires_grad_()
+    ref_lse = naive_infonce(q64, c64, dense_labels, 1000.0, True)[1]
+    expected = torch.autograd.grad((ref_lse * 8 * lse_weight.sign()).sum(), (q64, c64))
+    for name, got, want in zip(("queries", "candidates"), grads, expected):
+        rounding = (want.half().double() - want).abs()
+        _assert_within((got.double().cpu() - want).abs(), rounding + 1e-2 * want.abs().max(), f"grad {name}")
+
+
+@pytest.mark.parametrize("backend,device", backend_matrix(OP, reference=True))
 def test_all_equal_scores(backend, device):
     # Identical candidates: every score ties, so the loss is log N exactly and the gradient w.r.t. tau is 0.
     require_backend(OP, backend, device)

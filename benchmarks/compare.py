@@ -252,7 +252,27 @@ def setup_infonce_loss(case: dict, device: str) -> Case:
     providers.append(Provider(baseline, fwd_bwd(torch_way(dtype))))
     if dtype != torch.float32:
         providers.append(Provider("torch fp32 mm + CE", fwd_bwd(torch_way(torch.float32))))
+    providers.append(Provider("floor: 8 B N d at the GEMM rate", gemm_floor(q.detach(), c.detach())))
     return Case("infonce_loss", f"B=N={B} d={d} fwd+bwd", case["dtype"], baseline, providers)
+
+
+def gemm_floor(q: torch.Tensor, c: torch.Tensor, chunk_bytes: int = 2**30) -> Callable:
+    """The memory-linear InfoNCE's work floor as plain GEMMs of its shapes: per chunk of query rows, the scores
+    (forward), their recomputation, dQ = dS C and dC += dS^T Q, i.e. 4 x 2 B N d flops, with one chunk of [rows, N]
+    products (about ``chunk_bytes``) instead of a B x N matrix."""
+    rows = max(1, chunk_bytes // (c.shape[0] * c.element_size()))
+    grad_c = torch.empty_like(c)
+
+    def run():
+        grad_c.zero_()
+        for first in range(0, q.shape[0], rows):
+            part = q[first:first + rows]
+            torch.mm(part, c.T)
+            scores = torch.mm(part, c.T)  # stands in for dS, of the same shape and dtype
+            torch.mm(scores, c)
+            grad_c.addmm_(scores.T, part)
+
+    return run
 
 
 def setup_mine_hard_negatives(case: dict, device: str) -> Case:

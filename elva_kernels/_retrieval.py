@@ -172,6 +172,13 @@ def decode(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, ids
 
 
+def best_positive(pos_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The counting passes' view of each row's best positive key: (score s_p, the next float below s_p, id int32).
+    A candidate ahead of p on the tie side scores > the next float below s_p."""
+    pos_score, pos_id = decode(pos_keys)
+    return pos_score, torch.nextafter(pos_score, pos_score.new_tensor(float("-inf"))), pos_id.to(torch.int32)
+
+
 def decode_ids(keys: torch.Tensor) -> torch.Tensor:
     return torch.where(keys >= REAL_KEY_MIN, LOW_WORD - (keys & LOW_WORD), -1)
 
@@ -351,10 +358,8 @@ def chunked_rank_counts(op: Callable) -> Callable:
     def rank_counts(queries, candidates, query_scale, candidate_scale, positives, exclude, pos_keys):
         listed = positives if exclude is None else torch.cat([positives, exclude], 1)
         listed = torch.where(listed >= 0, listed, NO_LISTED_ID).to(torch.int32).sort(1).values
-        pos_score, pos_id = decode(pos_keys)
-        pos_below = torch.nextafter(pos_score, pos_score.new_tensor(float("-inf")))
-        ahead, max_neg_score, nonfinite = counts(queries, candidates, query_scale, candidate_scale, listed, pos_score,
-                                                 pos_below, pos_id.to(torch.int32))
+        ahead, max_neg_score, nonfinite = counts(queries, candidates, query_scale, candidate_scale, listed,
+                                                 *best_positive(pos_keys))
         return ahead.long(), max_neg_score, nonfinite
 
     return rank_counts

@@ -52,15 +52,17 @@ inline at::Tensor product_buffer(const at::Tensor& queries, int64_t width) {
   return at::empty({queries.size(0), (width + 3) / 4 * 4}, queries.options().dtype(at::kFloat)).narrow(1, 0, width);
 }
 
-// Calls select(products, ld, first, cols) for each chunk of the pool, in order: products is fp32 [B, cols] with row
-// stride ld (a multiple of 4), column t holding candidate first + t. A short last chunk is copied into a full-width
-// buffer first, to keep the GEMMs' shape; its padding columns are not selected.
-template <class Select>
-void for_each_product_chunk(const at::Tensor& queries, const at::Tensor& candidates, int64_t chunk_columns,
-                            Select&& select) {
+// Runs a select step over every chunk of the pool, in order: chunk's products (fp32 [B, cols], row stride ld, a
+// multiple of 4), ld, first_candidate and cols are set, then on_cuda(chunk) runs for CUDA tensors or the CPU twin
+// on_cpu(chunk) otherwise. A short last chunk is copied into a full-width buffer first, to keep the GEMMs' shape;
+// its padding columns are not selected.
+template <class Chunk, class CudaSelect>
+void select_chunks(const at::Tensor& queries, const at::Tensor& candidates, int64_t chunk_columns, Chunk& chunk,
+                   void (*on_cpu)(const Chunk&), CudaSelect&& on_cuda) {
   const int64_t N = candidates.size(0), width = chunk_width(candidates, chunk_columns);
   at::Tensor products = product_buffer(queries, width);
-  const at::Tensor left = queries.is_cuda() ? queries : queries.to(at::kFloat);  // upcast once on the CPU
+  const bool cuda = queries.is_cuda();
+  const at::Tensor left = cuda ? queries : queries.to(at::kFloat);  // upcast once on the CPU
   for (int64_t first = 0; first < N; first += width) {
     const int64_t cols = std::min(width, N - first);
     at::Tensor rows = candidates.narrow(0, first, cols);
@@ -71,24 +73,12 @@ void for_each_product_chunk(const at::Tensor& queries, const at::Tensor& candida
       rows = padded;
     }
     chunk_products(left, rows, products);
-    select(products.const_data_ptr<float>(), products.stride(0), first, cols);
+    chunk.products = products.const_data_ptr<float>();
+    chunk.ld = products.stride(0);
+    chunk.first_candidate = first;
+    chunk.cols = cols;
+    cuda ? on_cuda(chunk) : on_cpu(chunk);
   }
-}
-
-// Runs a select step over every chunk of the pool: fills chunk's products, ld, first_candidate and cols, then calls
-// on_cuda(chunk) for CUDA tensors or the CPU twin on_cpu(chunk) otherwise.
-template <class Chunk, class CudaSelect>
-void select_chunks(const at::Tensor& queries, const at::Tensor& candidates, int64_t chunk_columns, Chunk& chunk,
-                   void (*on_cpu)(const Chunk&), CudaSelect&& on_cuda) {
-  const bool cuda = queries.is_cuda();
-  for_each_product_chunk(queries, candidates, chunk_columns,
-                         [&](const float* products, int64_t ld, int64_t first, int64_t cols) {
-                           chunk.products = products;
-                           chunk.ld = ld;
-                           chunk.first_candidate = first;
-                           chunk.cols = cols;
-                           cuda ? on_cuda(chunk) : on_cpu(chunk);
-                         });
 }
 
 }  // namespace elva::bindings

@@ -27,18 +27,9 @@ __device__ __forceinline__ void count_run(const RankCountChunk& chunk, int col, 
                                           const float* chunk_scales, float query_scale, float bound, float pos_score,
                                           int32_t pos_id, const int32_t* listed, const int32_t* listed_end,
                                           int& ahead, float& best, bool& odd) {
-  alignas(16) float products[kPerLane] = {};
-  alignas(16) float candidate_scales[kPerLane] = {};
-  if (kTail) {
-    for (int e = 0; e < kPerLane; ++e) {
-      if (col + e < cols) products[e] = row_products[col + e], candidate_scales[e] = chunk_scales[col + e];
-    }
-  } else {
-    for (int v = 0; v < kPerLane; v += 4) {
-      *reinterpret_cast<float4*>(products + v) = *reinterpret_cast<const float4*>(row_products + col + v);
-      *reinterpret_cast<float4*>(candidate_scales + v) = *reinterpret_cast<const float4*>(chunk_scales + col + v);
-    }
-  }
+  alignas(16) float products[kPerLane];
+  alignas(16) float candidate_scales[kPerLane];
+  device::load_run<kPerLane, kTail>(row_products, chunk_scales, col, cols, products, candidate_scales);
   const int64_t first_id = chunk.first_candidate + col;
   float run_ahead = 0.0f;  // FSET + FADD per score (an int count takes a compare, an add and a select); exact to 16
   for (int e = 0; e < kPerLane; ++e) {

@@ -26,18 +26,9 @@ template <bool kTail, bool kLimit>
 __device__ __forceinline__ void select_run(const ThresholdChunk& chunk, int row, int col, int cols,
                                            const float* row_products, const float* chunk_scales, float query_scale,
                                            float threshold, float limit, unsigned lanes_below, int lane) {
-  alignas(16) float products[kPerLane] = {};
-  alignas(16) float candidate_scales[kPerLane] = {};
-  if (kTail) {
-    for (int e = 0; e < kPerLane; ++e) {
-      if (col + e < cols) products[e] = row_products[col + e], candidate_scales[e] = chunk_scales[col + e];
-    }
-  } else {
-    for (int v = 0; v < kPerLane; v += 4) {
-      *reinterpret_cast<float4*>(products + v) = *reinterpret_cast<const float4*>(row_products + col + v);
-      *reinterpret_cast<float4*>(candidate_scales + v) = *reinterpret_cast<const float4*>(chunk_scales + col + v);
-    }
-  }
+  alignas(16) float products[kPerLane];
+  alignas(16) float candidate_scales[kPerLane];
+  device::load_run<kPerLane, kTail>(row_products, chunk_scales, col, cols, products, candidate_scales);
   float scores[kPerLane];
   unsigned ballots[kPerLane];
   unsigned any = 0u;

@@ -163,7 +163,6 @@ def rank_counts(queries, candidates, query_scale, candidate_scale, positives, ex
     split_tiles = _retrieval.split_tiles(row_tiles, triton.cdiv(num_candidates, block_n),
                                             PROGRAMS_PER_SM * _retrieval.multiprocessor_count(device))
     splits = triton.cdiv(triton.cdiv(num_candidates, block_n), split_tiles)
-    pos_score, pos_id = _retrieval.decode(pos_keys)
     ahead = torch.empty((num_queries, splits), dtype=torch.int32, device=device)
     max_neg = torch.empty((num_queries, splits), dtype=torch.float32, device=device)
     largest = torch.empty_like(max_neg)
@@ -171,8 +170,7 @@ def rank_counts(queries, candidates, query_scale, candidate_scale, positives, ex
     q_desc, c_desc, use_tma = tma_descriptors(queries, candidates, block_m, block_n, block_k)
     rank_counts_kernel[(row_tiles, splits)](
         queries, candidates, query_scale, candidate_scale, q_desc, c_desc, positives.contiguous(), positives.shape[1],
-        exclude_arg, exclude.shape[1] if exclude is not None else 0, pos_score,
-        torch.nextafter(pos_score, pos_score.new_tensor(float("-inf"))), pos_id.to(torch.int32), ahead,
+        exclude_arg, exclude.shape[1] if exclude is not None else 0, *_retrieval.best_positive(pos_keys), ahead,
         max_neg, largest, num_queries, num_candidates, dim, queries.stride(0), candidates.stride(0), splits,
         split_tiles, UPCAST=upcast_for(queries.dtype, device), EVEN_K=dim % block_k == 0, USE_TMA=use_tma,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,

@@ -1,4 +1,4 @@
-// Device helpers shared by the CUDA kernels: element widening, aligned vector packs, warp reductions.
+// Device helpers shared by the CUDA kernels: element widening, aligned vector packs, warp reductions, chunk runs.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -33,6 +33,26 @@ __device__ __forceinline__ V warp_max(V value) {
     value = max(value, __shfl_xor_sync(0xffffffffu, value, offset));
   }
   return value;
+}
+
+// One lane's kCount consecutive products and candidate scales of a chunk row, from column `col`. kTail: the run may
+// pass the chunk's `cols` or the scales are not 16-byte aligned, so each element is loaded on its own (0 past cols);
+// otherwise 16-byte loads (kCount a multiple of 4, products 16-byte aligned).
+template <int kCount, bool kTail>
+__device__ __forceinline__ void load_run(const float* row_products, const float* chunk_scales, int col, int cols,
+                                         float (&products)[kCount], float (&scales)[kCount]) {
+  if (kTail) {
+    for (int e = 0; e < kCount; ++e) {
+      const bool inside = col + e < cols;
+      products[e] = inside ? row_products[col + e] : 0.0f;
+      scales[e] = inside ? chunk_scales[col + e] : 0.0f;
+    }
+  } else {
+    for (int v = 0; v < kCount; v += 4) {
+      *reinterpret_cast<float4*>(products + v) = *reinterpret_cast<const float4*>(row_products + col + v);
+      *reinterpret_cast<float4*>(scales + v) = *reinterpret_cast<const float4*>(chunk_scales + col + v);
+    }
+  }
 }
 
 }  // namespace elva::device
